@@ -1,0 +1,70 @@
+"""Shared fixtures for the momkd benchmark suites.
+
+The loader benchmarks need a cohort on disk in four layouts (cohort store, TRIDENT `.h5`, CLAM `.pt`).
+It is generated once with ``momkd synth`` and cached under ``$MOMKD_BENCH_DIR`` (default
+``.benchmarks/data``). Size through the environment:
+
+* ``MOMKD_BENCH_SLIDES`` (default 200), ``MOMKD_BENCH_PATCHES`` (median patches per slide, 3000),
+  ``MOMKD_BENCH_DIM`` (1536): the defaults give ~1.8 GB of float16 features (~3.7 GB as float32).
+* ``MOMKD_BENCH_BAGS`` (default: all slides): how many bags each contender reads per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@pytest.fixture(scope="session")
+def bench_cohort() -> dict:
+    from momkd.synth import generate_cohort
+
+    slides = _env_int("MOMKD_BENCH_SLIDES", 200)
+    patches = _env_int("MOMKD_BENCH_PATCHES", 3000)
+    dim = _env_int("MOMKD_BENCH_DIM", 1536)
+    root = Path(os.environ.get("MOMKD_BENCH_DIR", ".benchmarks/data"))
+    tag = f"s{slides}_p{patches}_d{dim}"
+    out = root / tag
+    marker = out / "bench_ready.json"
+    if not marker.exists():
+        generate_cohort(
+            out, patients=slides, external=0, dim=dim, genes=64, patches=patches,
+            seed=1234, h5=True, pt=True, progress=True,
+        )
+        marker.write_text(json.dumps({"slides": slides, "patches": patches, "dim": dim}))
+    return {"dir": out, "slides": slides, "patches": patches, "dim": dim}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    """Print throughput and ratios against momkd per benchmark group."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups: dict[str, list] = {}
+    for bench in session.benchmarks:
+        groups.setdefault(bench.group or "", []).append(bench)
+    tr = terminalreporter
+    tr.section("momkd benchmark ratios (median times; >1 means momkd is faster)")
+    for group, benches in sorted(groups.items()):
+        base = next((b for b in benches if "momkd" in b.name), None)
+        tr.write_line(f"[{group}]")
+        for b in sorted(benches, key=lambda b: b.stats.median):
+            info = b.extra_info or {}
+            gbps = info.get("gbps_f32")
+            disk = info.get("bytes_on_disk")
+            ratio = (b.stats.median / base.stats.median) if base else float("nan")
+            parts = [f"  {b.name:<48} median {b.stats.median:8.3f}s"]
+            if gbps is not None:
+                parts.append(f"{gbps:6.2f} GB/s(f32)")
+            if disk is not None:
+                parts.append(f"disk {disk / 1e9:6.2f} GB")
+            if base is not None and b is not base:
+                parts.append(f"momkd {ratio:5.2f}x faster")
+            tr.write_line("  ".join(parts))

@@ -1,0 +1,300 @@
+"""The ``momkd`` command line.
+
+Every subcommand has ``--help``. Exit codes: 0 on success, 2 on usage or data errors (a one-line
+message naming the file, slide, column or key; no traceback unless ``--debug``), 130 on Ctrl-C.
+Heavy modules (torch) are imported inside the commands so that ``momkd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("momkd")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are a single line (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"momkd {self.prog.split(' ', 1)[-1]}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from momkd.synth import generate_cohort
+
+    report = generate_cohort(
+        args.out_dir,
+        patients=args.patients,
+        external=args.external,
+        dim=args.dim,
+        genes=args.genes,
+        patches=args.patches,
+        seed=args.seed,
+        h5=args.h5,
+        pt=args.pt,
+        progress=not args.quiet,
+    )
+    print(_format_synth_report(Path(args.out_dir), report))
+    return 0
+
+
+def _format_synth_report(out: Path, report: dict[str, Any]) -> str:
+    lines = [f"synthetic cohort written to {out}"]
+    for key in ("cohort", "external"):
+        part = report.get(key)
+        if isinstance(part, dict):
+            desc = ", ".join(f"{k} {v}" for k, v in part.items() if not isinstance(v, dict | list))
+            lines.append(f"  {key}: {desc}")
+    oracle = report.get("oracle_auc") or report.get("oracle")
+    if isinstance(oracle, dict):
+        lines.append("  oracle AUCs:")
+        for task, vals in oracle.items():
+            if isinstance(vals, dict):
+                vals_s = ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items()
+                )
+                lines.append(f"    {task}: {vals_s}")
+    return "\n".join(lines)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from momkd.data.ingest import ingest
+
+    summary = ingest(
+        args.src,
+        args.out,
+        key=args.key,
+        dtype=args.dtype,
+        threads=args.threads,
+        chunk_rows=args.chunk_rows,
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from momkd.data.info import describe, format_info
+
+    desc = describe(args.store, check=args.check)
+    print(json.dumps(desc, indent=2, default=str) if args.json else format_info(desc))
+    return 0 if desc.get("valid", True) else 2
+
+
+def _cmd_init_config(args: argparse.Namespace) -> int:
+    from momkd.config import preset_yaml
+
+    text = preset_yaml(args.preset)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from momkd.config import load_config
+    from momkd.train.runner import train
+
+    cfg = load_config(args.config, overrides=args.set or [])
+    summary = train(cfg, out_dir=args.out, resume=args.resume)
+    from momkd.train.runner import format_summary
+
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from momkd.train.evaluate import evaluate_run, format_eval
+
+    result = evaluate_run(
+        args.run_dir,
+        store=args.store,
+        clinical=args.clinical,
+        out=args.out,
+        label_column=args.label_column,
+    )
+    print(format_eval(result))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from momkd.train.evaluate import predict
+
+    n = predict(args.source, store=args.store, out=args.out, slides=args.slides)
+    print(f"wrote predictions for {n} slides to {args.out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from momkd.explain import explain_run
+
+    result = explain_run(
+        args.run_dir,
+        store=args.store,
+        slides=args.slides,
+        top_k=args.top_k,
+        out=args.out,
+        fold=args.fold,
+        wsi_dir=args.wsi_dir,
+    )
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from momkd.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``momkd`` argument parser (exposed for documentation and tests)."""
+    parser = _Parser(
+        prog="momkd",
+        description="MoMKD: genomics-guided training of histology-only slide classifiers.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("synth", help="write a synthetic paired histology-genomics cohort")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--patients", type=_positive_int, default=300, help="internal patients (300)")
+    p.add_argument("--external", type=int, default=100, help="external-cohort patients (100)")
+    p.add_argument("--dim", type=_positive_int, default=512, help="feature dimension (512)")
+    p.add_argument("--genes", type=_positive_int, default=2000, help="genes (2000)")
+    p.add_argument("--patches", type=_positive_int, default=400, help="median patches/slide (400)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--h5", action="store_true", help="also write TRIDENT-layout .h5 files")
+    p.add_argument("--pt", action="store_true", help="also write CLAM-style .pt files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("ingest", help="convert a folder of .h5/.pt features into a cohort store")
+    p.add_argument("src", help="folder of TRIDENT/CLAM .h5 or .pt feature files")
+    p.add_argument("out", help="output store (.zarr); an interrupted ingest resumes")
+    p.add_argument("--key", default="features", help="feature dataset in the .h5 (features|feats)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--threads", type=_positive_int, default=None, help="reader threads")
+    p.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per chunk")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable files")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("info", help="summarise and validate a cohort store")
+    p.add_argument("store", help="cohort store (.zarr)")
+    p.add_argument("--check", action="store_true", help="decode every slide (slow, thorough)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("init-config", help="print a commented YAML run configuration")
+    p.add_argument("--preset", choices=["official", "paper", "demo"], default="official")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=_cmd_init_config)
+
+    p = sub.add_parser("train", help="k-fold cross-validated training")
+    p.add_argument("--config", required=True, help="YAML run configuration")
+    p.add_argument("--out", default=None, help="run directory (default: output.dir)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's fold models on a labelled cohort")
+    p.add_argument("run_dir", help="run directory written by `momkd train`")
+    p.add_argument("--store", required=True, help="cohort store (.zarr)")
+    p.add_argument("--clinical", required=True, help="clinical table (CSV/TSV)")
+    p.add_argument("--label-column", default=None, help="label column (default: the run's)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval_<store>)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="histology-only predictions for every slide of a store")
+    p.add_argument("source", help="run directory (fold ensemble) or a checkpoint file")
+    p.add_argument("--store", required=True, help="cohort store (.zarr)")
+    p.add_argument("--out", required=True, help="output CSV")
+    p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="memory components, top patches and attention maps")
+    p.add_argument("run_dir", help="run directory written by `momkd train`")
+    p.add_argument("--store", required=True, help="cohort store (.zarr)")
+    p.add_argument("--slides", nargs="*", default=None, help="slides to map (default: a few)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="patches per component (3)")
+    p.add_argument("--fold", type=int, default=0, help="fold model to explain (0)")
+    p.add_argument("--wsi-dir", default=None, help="folder of slide images for patch crops")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/explain)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("demo", help="synthesise a cohort, train MoMKD and ABMIL, compare")
+    p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
+    p.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``momkd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    if args.debug:
+        return func(args)
+    from momkd.errors import MomkdError
+
+    try:
+        return func(args)
+    except MomkdError as exc:
+        print(f"momkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        print(f"momkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"momkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]  # KeyError's str() adds quotes
+    return " ".join(text.split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
