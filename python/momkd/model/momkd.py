@@ -1,0 +1,515 @@
+"""The MoMKD model (SPEC §2): histology branch, omics branch, class memory and losses.
+
+Data flow for B bags of N patches in total::
+
+    features (N, D_in) --G-encoder--> F (N, H) --patch projector--> p (N, S)
+    p, F, memory (detached) --memory attention (segment softmax)--> a (N,), V (B, H)
+    V --classifier--> logits (B, 2);   V --pool projector--> z_w (B, S)
+    expression (B, G) --omics encoder--> (B, R) --normaliser--> z_o (B, S); --decoder--> recon (B, G)
+
+Inference needs only the first three lines (no omics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from momkd import kernels
+from momkd.errors import ConfigError, DataError
+from momkd.losses import orthogonality_loss
+from momkd.memory import MEMORY_MODES, ClassMemory, ReduceFn, spherical_kmeans
+from momkd.model.histology import GraphEncoder, SphereProjector, make_classifier
+from momkd.model.omics import OmicsDecoder, OmicsEncoder
+
+__all__ = ["LossWeights", "MoMKD", "MoMKDOutput", "ModelConfig"]
+
+logger = logging.getLogger(__name__)
+
+MOMENTUM_SOURCES = ("omics", "wsi")
+
+_T = TypeVar("_T", "ModelConfig", "LossWeights")
+
+
+def _replace(obj: _T, section: str, overrides: dict[str, Any]) -> _T:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key in overrides:
+        if key not in names:
+            raise ConfigError(f"{section}: unknown key {key!r}; known keys: {sorted(names)}")
+    return dataclasses.replace(obj, **overrides)
+
+
+@dataclass
+class ModelConfig:
+    """Dimensions and hyper-parameters of MoMKD (defaults = the released implementation).
+
+    ``omics_hidden`` is the intermediate width of the omics encoder and decoder (512 in the method).
+    ``momentum_sources`` selects the teacher embeddings of the momentum update: ``omics`` (z_o)
+    and/or ``wsi`` (z_w).
+    """
+
+    d_in: int = 1536
+    hidden: int = 512
+    omics_width: int = 512
+    sphere: int = 64
+    memory_k: int = 16
+    genes: int = 768
+    dropout: float = 0.5
+    omics_dropout: float = 0.25
+    attn_dropout: float = 0.5
+    tau_init: float = 0.2
+    tau_min: float = 0.01
+    tau_max: float = 2.0
+    classifier_hidden: int = 128
+    n_classes: int = 2
+    memory_update: str = "gradient"
+    momentum: float = 0.99
+    dead_after: int = 100
+    momentum_sources: tuple[str, ...] = ("omics",)
+    omics_hidden: int = 512
+
+    def __post_init__(self) -> None:
+        self.momentum_sources = tuple(self.momentum_sources)
+        for key in (
+            "d_in",
+            "hidden",
+            "omics_width",
+            "sphere",
+            "memory_k",
+            "genes",
+            "classifier_hidden",
+            "omics_hidden",
+            "dead_after",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.hidden % 2:
+            raise ConfigError(f"model.hidden must be even (2 attention heads), got {self.hidden}")
+        if self.n_classes != 2:
+            raise ConfigError(f"model.n_classes must be 2 (binary labels), got {self.n_classes}")
+        for key in ("dropout", "omics_dropout", "attn_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{key} must lie in [0, 1), got {value!r}")
+        if not 0.0 < self.tau_min < self.tau_max:
+            raise ConfigError(
+                f"model.tau_min/tau_max must satisfy 0 < tau_min < tau_max, got "
+                f"{self.tau_min}, {self.tau_max}"
+            )
+        if not self.tau_init > 0.0:
+            raise ConfigError(f"model.tau_init must be > 0, got {self.tau_init}")
+        if self.memory_update not in MEMORY_MODES:
+            raise ConfigError(
+                f"memory.update must be one of {list(MEMORY_MODES)}, got {self.memory_update!r}"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"memory.momentum must lie in [0, 1), got {self.momentum}")
+        bad = [s for s in self.momentum_sources if s not in MOMENTUM_SOURCES]
+        if bad or not self.momentum_sources:
+            raise ConfigError(
+                f"memory.momentum_sources must be a non-empty subset of {list(MOMENTUM_SOURCES)}, "
+                f"got {list(self.momentum_sources)}"
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """``official`` (the released code's dims, the defaults) or ``paper`` (H=256, S=128)."""
+        if name == "official":
+            base = cls()
+        elif name == "paper":
+            base = cls(hidden=256, sphere=128)
+        else:
+            raise ConfigError(f"model preset must be 'official' or 'paper', got {name!r}")
+        return _replace(base, "model", overrides)
+
+
+@dataclass
+class LossWeights:
+    """Loss weights and alignment constants (SPEC §2.4).
+
+    ``L = ce*L_ce + mem*(L_commit + orth*L_orth) + align_omics*L_align^omics
+    + align_wsi*L_align^wsi + mse*L_mse``.
+    """
+
+    ce: float = 0.5
+    mem: float = 0.1
+    align_omics: float = 0.05
+    align_wsi: float = 0.2
+    mse: float = 0.05
+    orth: float = 10.0
+    align_margin: float = 0.3
+    align_scale: float = 20.0
+    align_temp: float = 5.0
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LossWeights:
+        """``official`` (defaults) or ``paper`` (mse = 0.01)."""
+        if name == "official":
+            base = cls()
+        elif name == "paper":
+            base = cls(mse=0.01)
+        else:
+            raise ConfigError(f"loss preset must be 'official' or 'paper', got {name!r}")
+        return _replace(base, "loss", overrides)
+
+
+@dataclass
+class MoMKDOutput:
+    """Outputs of :meth:`MoMKD.forward` for B bags with N patches in total.
+
+    Attributes
+    ----------
+    logits : (B, 2)
+    attention : (N,) attention weights, summing to 1 within each bag
+    score : (N,) memory score
+    patch_proj : (N, S) normalised patch projections p
+    features : (N, H) encoder features F
+    pooled : (B, H) attention-pooled features V
+    z_w : (B, S) normalised slide embedding
+    z_o : (B, S) normalised omics embedding, or None without expression
+    recon : (B, G) reconstructed expression, or None without expression
+    assign_pos, assign_neg : (N,) int64 argmax-cosine component of C+ / C- per patch
+    segment_offsets : (B + 1,) int64 bag offsets
+    """
+
+    logits: Tensor
+    attention: Tensor
+    score: Tensor
+    patch_proj: Tensor
+    features: Tensor
+    pooled: Tensor
+    z_w: Tensor
+    z_o: Tensor | None
+    recon: Tensor | None
+    assign_pos: Tensor
+    assign_neg: Tensor
+    segment_offsets: Tensor = field(repr=False)
+
+
+class MoMKD(nn.Module):
+    """Momentum Memory Knowledge Distillation model.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Dimensions and hyper-parameters.
+
+    Attributes
+    ----------
+    histology_encoder : GraphEncoder
+        The G-encoder, (N, D_in) -> (N, H).
+    patch_projector, pool_projector : SphereProjector
+        (N, H) -> p (N, S) and (B, H) -> z_w (B, S).
+    classifier : nn.Sequential
+        (B, H) -> (B, 2).
+    log_tau : nn.Parameter
+        () attention temperature parameter theta, ``tau = clamp(exp(theta), tau_min, tau_max)``.
+    omics_encoder, omics_decoder, omics_projector
+        Omics branch, (B, G) -> (B, R) -> z_o (B, S) and recon (B, G).
+    memory : ClassMemory
+        C+ and C- (K, S).
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else ModelConfig()
+        self.cfg = cfg
+        self.histology_encoder = GraphEncoder(cfg.d_in, cfg.hidden, cfg.dropout, cfg.attn_dropout)
+        self.patch_projector = SphereProjector(cfg.hidden, cfg.sphere)
+        self.pool_projector = SphereProjector(cfg.hidden, cfg.sphere)
+        self.classifier = make_classifier(
+            cfg.hidden, cfg.classifier_hidden, cfg.n_classes, cfg.dropout
+        )
+        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init), dtype=torch.float32))
+        self.omics_encoder = OmicsEncoder(
+            cfg.genes, cfg.omics_width, cfg.omics_hidden, cfg.omics_dropout
+        )
+        self.omics_decoder = OmicsDecoder(
+            cfg.omics_width, cfg.genes, cfg.omics_hidden, cfg.omics_dropout
+        )
+        self.omics_projector = SphereProjector(cfg.omics_width, cfg.sphere)
+        self.memory = ClassMemory(
+            cfg.memory_k, cfg.sphere, cfg.memory_update, cfg.momentum, cfg.dead_after
+        )
+
+    @property
+    def tau(self) -> Tensor:
+        """() current attention temperature ``clamp(exp(theta), tau_min, tau_max)``."""
+        return self.log_tau.detach().exp().clamp(self.cfg.tau_min, self.cfg.tau_max)
+
+    def _check_bag(self, features: Tensor, edge_index: Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.cfg.d_in:
+            raise DataError(
+                f"features: expected shape (N, {self.cfg.d_in}), got {tuple(features.shape)}"
+            )
+        if features.shape[0] == 0:
+            raise DataError("features: empty bag (0 patches)")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise DataError(f"edge_index: expected shape (2, E), got {tuple(edge_index.shape)}")
+        if edge_index.dtype != torch.int64:
+            raise DataError(f"edge_index: expected dtype int64, got {edge_index.dtype}")
+
+    def _expression(self, expression: Tensor, b: int) -> Tensor:
+        g = expression.unsqueeze(0) if expression.dim() == 1 else expression
+        if g.dim() != 2 or g.shape[0] != b or g.shape[1] != self.cfg.genes:
+            raise DataError(
+                f"expression: expected shape ({b}, {self.cfg.genes}) for {b} bag(s), got "
+                f"{tuple(expression.shape)}"
+            )
+        return g.float()
+
+    def forward(
+        self,
+        features: Tensor,
+        edge_index: Tensor,
+        expression: Tensor | None = None,
+        segment_offsets: Tensor | None = None,
+    ) -> MoMKDOutput:
+        """Run the model on one bag or B bags batched as disjoint graphs.
+
+        Parameters
+        ----------
+        features : Tensor
+            (N, D_in) patch features of one bag, or of B bags concatenated.
+        edge_index : Tensor
+            (2, E) int64 k-NN edges (row 0 source, row 1 target) indexing the N patches; bags must
+            not be connected to each other.
+        expression : Tensor, optional
+            (B, G) or, for one bag, (G,) preprocessed expression. Without it the omics outputs are
+            None (histology-only inference).
+        segment_offsets : Tensor, optional
+            (B + 1,) int64 bag offsets; default one bag ``[0, N]``.
+
+        Returns
+        -------
+        MoMKDOutput
+        """
+        self._check_bag(features, edge_index)
+        n = features.shape[0]
+        if segment_offsets is None:
+            segment_offsets = torch.tensor([0, n], dtype=torch.int64, device=features.device)
+        segment_offsets = segment_offsets.to(features.device, torch.int64)
+        b = segment_offsets.numel() - 1
+
+        feats = self.histology_encoder(features, edge_index)
+        p = self.patch_projector(feats)
+        c_pos_hat, c_neg_hat = self.memory.normalized()
+        pooled, attention, score, assign_pos, assign_neg = kernels.memory_attention_pool(
+            p,
+            feats,
+            c_pos_hat,
+            c_neg_hat,
+            self.log_tau,
+            segment_offsets,
+            tau_min=self.cfg.tau_min,
+            tau_max=self.cfg.tau_max,
+        )
+        logits = self.classifier(pooled)
+        z_w = self.pool_projector(pooled)
+
+        z_o: Tensor | None = None
+        recon: Tensor | None = None
+        if expression is not None:
+            h_o = self.omics_encoder(self._expression(expression, b))
+            z_o = self.omics_projector(h_o)
+            recon = self.omics_decoder(h_o)
+        return MoMKDOutput(
+            logits=logits,
+            attention=attention,
+            score=score,
+            patch_proj=p,
+            features=feats,
+            pooled=pooled,
+            z_w=z_w,
+            z_o=z_o,
+            recon=recon,
+            assign_pos=assign_pos,
+            assign_neg=assign_neg,
+            segment_offsets=segment_offsets,
+        )
+
+    @torch.no_grad()
+    def predict(self, features: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Histology-only prediction for one bag, in eval mode (the previous mode is restored).
+
+        Parameters
+        ----------
+        features : Tensor
+            (N, D_in) patch features.
+        edge_index : Tensor
+            (2, E) int64 k-NN edges.
+
+        Returns
+        -------
+        probs : Tensor
+            (2,) softmax class probabilities (index 1 = positive class).
+        attention : Tensor
+            (N,) attention weights.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.forward(features, edge_index)
+        finally:
+            self.train(was_training)
+        return torch.softmax(out.logits[0].float(), dim=-1), out.attention
+
+    @torch.no_grad()
+    def embed_patches(self, features: Tensor, edge_index: Tensor) -> Tensor:
+        """Normalised patch projections p (N, S) of one bag in eval mode, for memory initialisation."""
+        self._check_bag(features, edge_index)
+        was_training = self.training
+        self.eval()
+        try:
+            p: Tensor = self.patch_projector(self.histology_encoder(features, edge_index))
+            return p
+        finally:
+            self.train(was_training)
+
+    def _labels(self, y: Tensor, b: int, device: torch.device) -> Tensor:
+        y = torch.as_tensor(y).reshape(-1)
+        if y.numel() != b:
+            raise DataError(f"labels: expected {b} label(s) for {b} bag(s), got {y.numel()}")
+        if y.is_floating_point() or bool(((y != 0) & (y != 1)).any()):
+            raise DataError(f"labels: expected integer values 0 or 1, got {y.tolist()}")
+        return y.to(device, torch.int64)
+
+    def loss(
+        self,
+        out: MoMKDOutput,
+        y: Tensor,
+        expression: Tensor | None = None,
+        w: LossWeights | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total training loss and its terms (SPEC §2.4).
+
+        For B bags, ce and the alignment terms are averaged over bags; the commitment and
+        orthogonality terms are computed per bag with the bag's own class memory and averaged.
+
+        Parameters
+        ----------
+        out : MoMKDOutput
+            Output of :meth:`forward` (with expression for the omics terms).
+        y : Tensor
+            (B,) int64 labels in {0, 1}.
+        expression : Tensor, optional
+            (B, G) or (G,) expression, the reconstruction target; without it ``mse`` is 0.
+        w : LossWeights, optional
+            Weights; defaults to :class:`LossWeights()`.
+
+        Returns
+        -------
+        total : Tensor
+            () weighted sum.
+        terms : dict
+            Unweighted terms ``ce, commit, orth, mem, align_omics, align_wsi, mse`` (each ()),
+            with ``mem = commit + w.orth * orth``.
+        """
+        w = w if w is not None else LossWeights()
+        b = out.logits.shape[0]
+        y = self._labels(y, b, out.logits.device)
+        c_pos_hat, c_neg_hat = self.memory.normalized()
+        zero = torch.zeros((), device=out.logits.device, dtype=torch.float32)
+
+        ce = F.cross_entropy(out.logits.float(), y)
+        commit = kernels.batched_commitment_loss(
+            out.patch_proj, self.memory.pos, self.memory.neg, y, out.segment_offsets
+        )
+        n_pos = (y == 1).to(torch.float32).sum()
+        orth = (
+            n_pos * orthogonality_loss(c_pos_hat) + (b - n_pos) * orthogonality_loss(c_neg_hat)
+        ) / b
+        mem = commit + w.orth * orth
+        align = {"margin": w.align_margin, "scale": w.align_scale, "temp": w.align_temp}
+        align_wsi = kernels.align_loss(out.z_w, y, c_pos_hat, c_neg_hat, **align).mean()
+        align_omics = (
+            kernels.align_loss(out.z_o, y, c_pos_hat, c_neg_hat, **align).mean()
+            if out.z_o is not None
+            else zero
+        )
+        if expression is not None and out.recon is not None:
+            target = self._expression(expression, b).to(out.recon.device)
+            mse = F.mse_loss(out.recon.float(), target)
+        else:
+            mse = zero
+        total = (
+            w.ce * ce
+            + w.mem * mem
+            + w.align_omics * align_omics
+            + w.align_wsi * align_wsi
+            + w.mse * mse
+        )
+        terms = {
+            "ce": ce,
+            "commit": commit,
+            "orth": orth,
+            "mem": mem,
+            "align_omics": align_omics,
+            "align_wsi": align_wsi,
+            "mse": mse,
+        }
+        return total, terms
+
+    @torch.no_grad()
+    def init_memory(
+        self, pos_embeddings: Tensor, neg_embeddings: Tensor, *, iters: int = 20, seed: int = 0
+    ) -> None:
+        """Initialise C+ and C- by spherical k-means (SPEC §2.5).
+
+        Parameters
+        ----------
+        pos_embeddings, neg_embeddings : Tensor
+            (M+, S) and (M-, S) patch projections of training slides of each class (M >= K).
+        iters : int
+            k-means iterations.
+        seed : int
+            Seed of the positive memory's initial points; the negative memory uses ``seed + 1``.
+        """
+        k = self.cfg.memory_k
+        pos = spherical_kmeans(pos_embeddings, k, iters=iters, seed=seed)
+        neg = spherical_kmeans(neg_embeddings, k, iters=iters, seed=seed + 1)
+        self.memory.set_memories(pos.to(self.memory.pos.device), neg.to(self.memory.neg.device))
+        logger.debug(
+            "memory initialised from %d / %d embeddings", len(pos_embeddings), len(neg_embeddings)
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(
+        self, out: MoMKDOutput, y: Tensor, *, reduce_fn: ReduceFn | None = None
+    ) -> None:
+        """Momentum update of the memory from this step's teacher embeddings (no-op unless
+        ``memory_update == "momentum"``).
+
+        Parameters
+        ----------
+        out : MoMKDOutput
+            The step's forward output (z_o and/or z_w per ``momentum_sources``).
+        y : Tensor
+            (B,) int64 labels.
+        reduce_fn : callable, optional
+            Combines ``(sums, counts)`` across data-parallel ranks before the update.
+        """
+        if self.cfg.memory_update != "momentum":
+            return
+        b = out.logits.shape[0]
+        y = self._labels(y, b, out.logits.device)
+        embs, labels = [], []
+        for source in self.cfg.momentum_sources:
+            z = out.z_o if source == "omics" else out.z_w
+            if z is not None:
+                embs.append(z.detach())
+                labels.append(y)
+        if embs:
+            emb, lab = torch.cat(embs), torch.cat(labels)
+        else:
+            emb = out.z_w.new_zeros(0, self.cfg.sphere)
+            lab = y.new_zeros(0)
+        self.memory.momentum_update(emb, lab, reduce_fn=reduce_fn)
