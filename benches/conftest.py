@@ -36,7 +36,7 @@ def bench_cohort() -> dict:
     if not marker.exists():
         generate_cohort(
             out, patients=slides, external=0, dim=dim, genes=64, patches=patches,
-            seed=1234, h5=True, pt=True, progress=True,
+            seed=1234, h5=True, pt=True, progress=True, overwrite=True,
         )
         marker.write_text(json.dumps({"slides": slides, "patches": patches, "dim": dim}))
     return {"dir": out, "slides": slides, "patches": patches, "dim": dim}

@@ -52,6 +52,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         h5=args.h5,
         pt=args.pt,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(_format_synth_report(Path(args.out_dir), report))
     return 0
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--h5", action="store_true", help="also write TRIDENT-layout .h5 files")
     p.add_argument("--pt", action="store_true", help="also write CLAM-style .pt files")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in OUT_DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 
