@@ -1,0 +1,242 @@
+"""Iterate over the bags of a cohort store as torch tensors, prefetched by the Rust loader."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from momkd import _core
+from momkd.data.store import CohortStore
+from momkd.errors import ConfigError, SlideNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Bag", "BagLoader", "epoch_order"]
+
+
+@dataclass
+class Bag:
+    """One slide as model input.
+
+    Attributes
+    ----------
+    slide_id : str
+    index : int
+        Position of the slide in the store.
+    features : torch.Tensor, float32, shape (P, D)
+        Shares memory with the buffer the Rust loader filled (no copy).
+    coords : torch.Tensor, int64, shape (P, 2)
+        Level-0 pixel ``(x, y)`` of each patch.
+    edge_index : torch.Tensor, int64, shape (2, E), or None
+        k-NN graph on ``coords`` (row 0 source, row 1 target); ``None`` when ``knn_k`` is ``None``.
+    """
+
+    slide_id: str
+    index: int
+    features: torch.Tensor
+    coords: torch.Tensor
+    edge_index: torch.Tensor | None = None
+
+    @property
+    def n_patches(self) -> int:
+        """``P``."""
+        return int(self.features.shape[0])
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Visiting order of ``n`` items for one epoch.
+
+    Parameters
+    ----------
+    n : int
+    shuffle : bool
+        If false, ``arange(n)``.
+    seed, epoch : int
+        The permutation comes from ``numpy.random.default_rng([seed, epoch])``.
+
+    Returns
+    -------
+    np.ndarray, int64, shape (n,)
+    """
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)])
+    return rng.permutation(n).astype(np.int64)
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"BagLoader: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class BagLoader:
+    """Iterate over slides of a cohort store, yielding :class:`Bag` objects.
+
+    Reading, decoding, patch subsampling and the k-NN graph run in Rust on a thread pool of
+    ``num_threads`` with up to ``prefetch`` bags read ahead, in the order below.
+
+    Order per epoch: the given slide order, or (``shuffle=True``) a permutation drawn from
+    ``numpy.random.default_rng([seed, epoch])``; then rank ``r`` of ``world_size`` takes
+    ``order[r::world_size]``, so every slide is visited exactly once across ranks.
+    ``drop_uneven=True`` truncates every rank to ``len(order) // world_size`` slides (equal step
+    counts for DDP).
+
+    Epochs: :meth:`set_epoch` fixes the epoch like ``torch.utils.data.DistributedSampler``. If it is
+    never called, the epoch starts at 0 and advances by one after each full pass.
+
+    Parameters
+    ----------
+    store : CohortStore or path
+    slide_ids : sequence of str, optional
+        Subset (and order) of slides; default all slides in storage order.
+    shuffle : bool
+    seed : int
+    max_patches : int, optional
+        Keep at most this many patches per bag (random subset, deterministic per seed, epoch, slide).
+    knn_k : int or None
+        Neighbours per patch in ``edge_index`` (``min(k, P - 1)``); ``None`` skips the graph.
+    num_threads : int, optional
+        Reader threads; default ``min(4, os.cpu_count())``.
+    prefetch : int
+        Bags decoded ahead of the consumer.
+    rank, world_size : int
+        Shard of this process.
+    drop_uneven : bool
+
+    Raises
+    ------
+    SlideNotFoundError
+        A requested slide id is not in the store (names the store and the id).
+    ConfigError
+        Invalid option values.
+    """
+
+    def __init__(
+        self,
+        store: CohortStore | str | os.PathLike[str],
+        slide_ids: Sequence[str] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        *,
+        max_patches: int | None = None,
+        knn_k: int | None = 8,
+        num_threads: int | None = None,
+        prefetch: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_uneven: bool = False,
+    ) -> None:
+        self.store = store if isinstance(store, CohortStore) else CohortStore.open(store)
+        if slide_ids is None:
+            self.slide_ids = list(self.store.slide_ids)
+        else:
+            if isinstance(slide_ids, str):
+                raise ConfigError("BagLoader: slide_ids must be a sequence of ids, not one string")
+            self.slide_ids = list(slide_ids)
+            missing = [s for s in self.slide_ids if s not in self.store]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise SlideNotFoundError(
+                    f"store {self.store.path}: slide {missing[0]!r} not found{more}"
+                )
+        self._indices = np.asarray([self.store.index_of(s) for s in self.slide_ids], dtype=np.int64)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.max_patches = _check_int("max_patches", max_patches, 1, allow_none=True)
+        self.knn_k = _check_int("knn_k", knn_k, 1, allow_none=True)
+        if num_threads is None:
+            num_threads = min(4, os.cpu_count() or 1)
+        self.num_threads = _check_int("num_threads", num_threads, 1)
+        self.prefetch = _check_int("prefetch", prefetch, 1)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        assert self.world_size is not None and self.rank is not None
+        if self.rank >= self.world_size:
+            raise ConfigError(
+                f"BagLoader: rank {self.rank} is not below world_size {self.world_size}"
+            )
+        self.drop_uneven = bool(drop_uneven)
+        self._epoch = 0
+        self._manual_epoch = False
+
+    # ------------------------------------------------------------------------------------ epochs
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass uses."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next passes (turns off the automatic advance)."""
+        self._epoch = int(epoch)
+        self._manual_epoch = True
+
+    # ------------------------------------------------------------------------------------- order
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        """Positions into :attr:`slide_ids` visited by this rank in ``epoch`` (default current)."""
+        ep = self._epoch if epoch is None else int(epoch)
+        perm = epoch_order(len(self.slide_ids), shuffle=self.shuffle, seed=self.seed, epoch=ep)
+        shard = perm[self.rank :: self.world_size]
+        if self.drop_uneven:
+            shard = shard[: len(perm) // self.world_size]
+        return [int(i) for i in shard]
+
+    def epoch_slide_ids(self, epoch: int | None = None) -> list[str]:
+        """Slide ids in the order this rank yields them in ``epoch`` (default current)."""
+        return [self.slide_ids[i] for i in self.order(epoch)]
+
+    def __len__(self) -> int:
+        n = len(self.slide_ids)
+        if self.drop_uneven:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+    # --------------------------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[Bag]:
+        import torch
+
+        epoch = self._epoch
+        positions = self.order(epoch)
+        store_indices = [int(self._indices[p]) for p in positions]
+        prefetcher = _core.BagPrefetcher(
+            self.store.core,
+            store_indices,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            max_patches=self.max_patches,
+            seed=self.seed,
+            epoch=epoch,
+            knn_k=self.knn_k,
+        )
+        for pos, expected in zip(positions, store_indices, strict=True):
+            index, feats, coords, edges = next(prefetcher)
+            if index != expected:  # the prefetcher is ordered; anything else is a bug
+                raise RuntimeError(f"BagLoader: expected slide index {expected}, got {index}")
+            yield Bag(
+                slide_id=self.slide_ids[pos],
+                index=int(index),
+                features=torch.from_numpy(feats),
+                coords=torch.from_numpy(coords),
+                edge_index=None if edges is None else torch.from_numpy(edges),
+            )
+        if not self._manual_epoch:
+            self._epoch = epoch + 1
+
+    def __repr__(self) -> str:
+        return (
+            f"BagLoader({self.store.path!r}, slides={len(self.slide_ids)}, shuffle={self.shuffle}, "
+            f"rank={self.rank}/{self.world_size}, epoch={self._epoch})"
+        )
