@@ -162,7 +162,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         wsi_dir=args.wsi_dir,
     )
     for key, value in result.items():
-        print(f"{key}: {value}")
+        if isinstance(value, list | tuple):
+            print(f"{key}:")
+            for item in value:
+                print(f"  {item}")
+        else:
+            print(f"{key}: {value}")
     return 0
 
 

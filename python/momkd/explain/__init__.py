@@ -1,0 +1,383 @@
+"""Interpretability of a trained MoMKD run (SPEC §8; ``momkd explain``).
+
+* :func:`explain_run` — streams a cohort store through one fold's best model and writes the top-k
+  patches per memory component, per-slide attention and memory-assignment maps, cohort memory
+  usage, the fold's memory dynamics and (with slide images and openslide) a patch gallery;
+* :mod:`momkd.explain.dynamics` — memory usage statistics and their per-epoch plot;
+* :mod:`momkd.explain.topk` — the bounded running top-k table and the crop gallery;
+* :mod:`momkd.explain.maps` — rasterised per-slide maps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from momkd.errors import ConfigError, DataError, MomkdError
+from momkd.explain.dynamics import (
+    MEMORIES,
+    memory_history,
+    memory_usage_on_bags,
+    plot_memory_dynamics,
+    usage_from_counts,
+)
+from momkd.explain.maps import (
+    assignment_labels,
+    plot_assignment_map,
+    plot_attention_map,
+    safe_name,
+)
+from momkd.explain.topk import TopKTracker, make_gallery, read_topk_csv
+
+if TYPE_CHECKING:
+    import torch
+
+    from momkd.data.store import CohortStore
+    from momkd.model.momkd import MoMKD
+
+__all__ = [
+    "TopKTracker",
+    "explain_run",
+    "load_fold_model",
+    "memory_history",
+    "memory_usage_on_bags",
+    "plot_assignment_map",
+    "plot_attention_map",
+    "plot_memory_dynamics",
+    "read_topk_csv",
+    "usage_from_counts",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ model loading
+
+
+def _fold_checkpoint(run_dir: Path, fold: int) -> Path:
+    fold_dir = run_dir / f"fold_{fold}"
+    for name in ("best.pt", "last.pt"):
+        path = fold_dir / name
+        if path.is_file():
+            if name != "best.pt":
+                logger.warning("%s: no best.pt, explaining last.pt", fold_dir)
+            return path
+    raise MomkdError(f"run {run_dir}: fold {fold} has no checkpoint ({fold_dir / 'best.pt'})")
+
+
+def load_fold_model(
+    checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[MoMKD, dict[str, Any]]:
+    """Rebuild the MoMKD model of a training checkpoint, in eval mode.
+
+    Parameters
+    ----------
+    checkpoint : path
+        ``fold_<k>/best.pt`` or ``last.pt`` (``momkd.train.checkpoint`` format).
+    device : str or torch.device
+
+    Returns
+    -------
+    model : MoMKD
+    state : dict
+        The checkpoint contents.
+
+    Raises
+    ------
+    MomkdError
+        Unreadable checkpoint, or one of another method (explanations need the class memory).
+    """
+    from momkd.model.momkd import MoMKD
+    from momkd.train.checkpoint import load_checkpoint
+    from momkd.train.loop import build_model
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    spec = state.get("model_config")
+    if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict):
+        raise MomkdError(f"checkpoint {path}: no model_config {{method, params}}")
+    method = spec.get("method") or state.get("method")
+    if method != "momkd":
+        raise MomkdError(
+            f"checkpoint {path}: method {method!r} has no class memory; explain needs a momkd run"
+        )
+    try:
+        model = build_model(spec)
+    except (TypeError, ConfigError) as exc:
+        raise MomkdError(f"checkpoint {path}: bad model_config ({exc})") from None
+    assert isinstance(model, MoMKD)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MomkdError(f"checkpoint {path}: model weights do not fit ({first})") from None
+    model.to(device).eval()
+    return model, state
+
+
+def _knn_k(state: dict[str, Any]) -> int:
+    config = state.get("config")
+    if isinstance(config, dict):
+        train = config.get("train")
+        if isinstance(train, dict) and isinstance(train.get("knn_k"), int):
+            return int(train["knn_k"])
+    return 8
+
+
+def _pick_device(device: str | None) -> str:
+    import torch
+
+    if device not in (None, "auto"):
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------- slides kept for maps
+
+
+class _MapKeeper:
+    """Keeps the arrays of the slides to map while streaming: the requested ones, or the ``n``
+    most positive and ``n`` most negative predictions seen so far (bounded memory)."""
+
+    def __init__(self, wanted: Sequence[str] | None, n: int) -> None:
+        self.wanted = list(dict.fromkeys(wanted)) if wanted else None
+        self.n = n
+        self.top: list[tuple[float, int, str]] = []  # most positive first
+        self.bottom: list[tuple[float, int, str]] = []  # most negative first
+        self.data: dict[str, dict[str, Any]] = {}
+        self._seen = 0
+
+    def offer(self, slide_id: str, prob: float, make: Callable[[], dict[str, Any]]) -> None:
+        self._seen += 1
+        if self.wanted is not None:
+            if slide_id in self.wanted:
+                self.data[slide_id] = make()
+            return
+        entry = (prob, self._seen, slide_id)
+        top = sorted([*self.top, entry], key=lambda e: (-e[0], e[1]))[: self.n]
+        bottom = sorted([*self.bottom, entry], key=lambda e: (e[0], e[1]))[: self.n]
+        keep = {e[2] for e in top} | {e[2] for e in bottom}
+        if slide_id in keep:
+            self.data[slide_id] = make()
+        self.top, self.bottom = top, bottom
+        for sid in list(self.data):
+            if sid not in keep:
+                del self.data[sid]
+
+    def order(self) -> list[str]:
+        if self.wanted is not None:
+            return [s for s in self.wanted if s in self.data]
+        ids = [e[2] for e in self.top] + [e[2] for e in self.bottom]
+        return list(dict.fromkeys(ids))
+
+
+# ------------------------------------------------------------------------------- explain_run
+
+
+def explain_run(
+    run_dir: str | os.PathLike[str],
+    store: str | os.PathLike[str] | CohortStore,
+    slides: Sequence[str] | None = None,
+    top_k: int = 3,
+    out: str | os.PathLike[str] | None = None,
+    fold: int = 0,
+    wsi_dir: str | os.PathLike[str] | None = None,
+    *,
+    n_maps: int = 3,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Explain one fold model of a run on a cohort store.
+
+    Every slide of ``store`` is streamed once through the fold's best model (eval mode, no
+    gradients, all patches). For each of the 2K memory components (C+ then C-) a running top-k of
+    ``(cosine similarity <p_i, c_hat_k>, slide, patch coordinates)`` is kept (memory O(2K * top_k),
+    never all patches of the cohort).
+
+    Written to ``out`` (default ``RUN_DIR/explain``):
+
+    * ``topk_patches.csv`` — memory (pos|neg), component, rank (1 = most similar), slide_id, x, y,
+      similarity;
+    * ``slide_predictions.csv`` — slide_id, n_patches, prob_pos (histology-only prediction);
+    * ``memory_usage.json`` — usage of C+ and C- over all patches of the cohort;
+    * ``memory_dynamics.png`` — the fold's per-epoch usage dynamics (if the history records them);
+    * ``maps/<slide>_attention.png`` and ``maps/<slide>_assignment.png`` for ``slides`` (default:
+      the ``n_maps`` most positive and ``n_maps`` most negative predictions);
+    * ``topk_gallery.png`` — crops of the top patches, with ``wsi_dir`` and openslide installed.
+
+    Parameters
+    ----------
+    run_dir : path
+        Run directory written by ``momkd train``.
+    store : path or CohortStore
+        Cohort to explain (features of the run's dimension).
+    slides : sequence of str, optional
+        Slides to draw maps for.
+    top_k : int
+        Patches kept per component.
+    out : path, optional
+        Output folder.
+    fold : int
+        Which fold's model.
+    wsi_dir : path, optional
+        Folder of slide images ``<slide_id>.svs|.tif|...`` for the crop gallery.
+    n_maps : int
+        Default number of most positive / most negative slides to map.
+    device : str, optional
+        ``cpu``, ``cuda``...; default CUDA when available.
+    progress : bool, optional
+        Progress bar; default on a terminal only.
+
+    Returns
+    -------
+    dict
+        Paths written: ``out``, ``topk_csv``, ``predictions``, ``memory_usage``,
+        ``memory_dynamics`` (or None), ``gallery`` (or None), ``maps`` (list).
+
+    Raises
+    ------
+    MomkdError
+        Missing run, fold or checkpoint; a non-MoMKD run.
+    SlideNotFoundError
+        A requested slide is not in the store.
+    DataError
+        The store's feature dimension differs from the model's.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from momkd.data.loader import BagLoader
+    from momkd.data.store import CohortStore
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise MomkdError(f"run directory {run} does not exist")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"explain: top_k must be a positive integer, got {top_k!r}")
+    dev = _pick_device(device)
+    ckpt_path = _fold_checkpoint(run, fold)
+    model, state = load_fold_model(ckpt_path, device=dev)
+    cohort = store if isinstance(store, CohortStore) else CohortStore.open(store)
+    if cohort.feature_dim != model.cfg.d_in:
+        raise DataError(
+            f"store {cohort.path}: feature dimension {cohort.feature_dim} differs from the model's "
+            f"{model.cfg.d_in} ({ckpt_path})"
+        )
+    if slides:
+        for sid in slides:
+            cohort.index_of(sid)  # SlideNotFoundError naming the store and the slide
+    out_dir = Path(out) if out is not None else run / "explain"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = int(model.cfg.memory_k)
+    # Maps take the grid step from the coordinates themselves (robust to a header patch size given
+    # at another level or to overlapping patches); gallery crops use the header's level-0 size.
+    patch_size = cohort.header.get("patch_size")
+    patch_size = int(patch_size) if isinstance(patch_size, int) and patch_size > 0 else None
+
+    tracker = TopKTracker(k, top_k)
+    counts = np.zeros((2, k), dtype=np.int64)
+    keeper = _MapKeeper(slides, n_maps)
+    preds: list[tuple[str, int, float]] = []
+    loader = BagLoader(cohort, knn_k=_knn_k(state), max_patches=None)
+    disable = None if progress is None else not progress
+    with torch.no_grad():
+        c_pos, c_neg = model.memory.normalized()
+        memory = torch.cat([c_pos, c_neg]).to(dev)  # (2K, S)
+        for bag in tqdm(loader, total=len(loader), desc="explain", unit="slide", disable=disable):
+            assert bag.edge_index is not None
+            res = model(bag.features.to(dev), bag.edge_index.to(dev))
+            sims = res.patch_proj.float() @ memory.T  # (P, 2K)
+            tracker.update(bag.slide_id, sims, bag.coords)
+            ap, an = res.assign_pos.cpu(), res.assign_neg.cpu()
+            counts[0] += np.bincount(ap.numpy(), minlength=k)[:k]
+            counts[1] += np.bincount(an.numpy(), minlength=k)[:k]
+            prob = float(torch.softmax(res.logits[0].float(), dim=-1)[1])
+            preds.append((bag.slide_id, bag.n_patches, prob))
+
+            def arrays(
+                bag: Any = bag, res: Any = res, ap: Any = ap, an: Any = an
+            ) -> dict[str, Any]:
+                return {
+                    "coords": bag.coords.numpy().copy(),
+                    "attention": res.attention.float().cpu().numpy(),
+                    "labels": assignment_labels(res.score.float().cpu().numpy(), ap, an, k),
+                }
+
+            keeper.offer(bag.slide_id, prob, arrays)
+
+    result: dict[str, Any] = {"out": out_dir}
+    result["topk_csv"] = tracker.write_csv(out_dir / "topk_patches.csv")
+    pred_path = out_dir / "slide_predictions.csv"
+    with open(pred_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "n_patches", "prob_pos"])
+        for sid, n, p in preds:
+            w.writerow([sid, n, f"{p:.6f}"])
+    result["predictions"] = pred_path
+
+    usage = {name: usage_from_counts(counts[i]) for i, name in enumerate(MEMORIES)}
+    usage_path = out_dir / "memory_usage.json"
+    usage_path.write_text(
+        json.dumps(
+            {"fold": fold, "store": str(cohort.path), "slides": len(preds), **usage}, indent=2
+        )
+    )
+    result["memory_usage"] = usage_path
+
+    result["memory_dynamics"] = None
+    hist_path = run / f"fold_{fold}" / "history.json"
+    if hist_path.is_file():
+        try:
+            result["memory_dynamics"] = plot_memory_dynamics(
+                hist_path, out_dir / "memory_dynamics.png", title=f"Memory dynamics, fold {fold}"
+            )
+        except DataError as exc:
+            logger.info("memory dynamics not plotted: %s", exc)
+
+    maps: list[Path] = []
+    prob_of = {sid: p for sid, _, p in preds}
+    for sid in keeper.order():
+        d = keeper.data[sid]
+        name = safe_name(sid)
+        maps.append(
+            plot_attention_map(
+                sid,
+                d["coords"],
+                d["attention"],
+                out_dir / "maps" / f"{name}_attention.png",
+                prob=prob_of[sid],
+            )
+        )
+        maps.append(
+            plot_assignment_map(
+                sid,
+                d["coords"],
+                d["labels"],
+                k,
+                out_dir / "maps" / f"{name}_assignment.png",
+                attention=d["attention"],
+                prob=prob_of[sid],
+            )
+        )
+    result["maps"] = maps
+
+    result["gallery"] = None
+    if wsi_dir is not None:
+        if not Path(wsi_dir).is_dir():
+            raise MomkdError(f"explain: --wsi-dir {wsi_dir} is not a folder")
+        size = patch_size
+        if size is None:
+            size = 256
+            logger.warning("store %s has no patch_size; gallery crops use 256 px", cohort.path)
+        result["gallery"] = make_gallery(
+            tracker.rows(), wsi_dir, out_dir / "topk_gallery.png", size
+        )
+    logger.info("explain: %d slides, outputs in %s", len(preds), out_dir)
+    return result
