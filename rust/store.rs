@@ -1,0 +1,1256 @@
+//! The cohort store (docs/FORMAT.md): open, validate, read bags.
+//!
+//! Opening checks everything FORMAT.md lists under "What opening a store checks" from the raw
+//! `zarr.json` documents, then opens the three arrays with `zarrs`. Reading a bag walks the chunks
+//! covering its rows, decodes them in parallel on the caller's rayon pool, and converts/checks the
+//! values in the same pass, so that every failure names the store, the slide and the chunk key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::f16;
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+use zarrs::array::{Array, ArrayBytes, CodecOptions};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::convert::{f16_to_f32_checked, f32_copy_checked};
+use crate::error::{one_line, Error, Result};
+use crate::subsample::bag_rows;
+
+/// The store format this reader implements.
+pub const FORMAT_NAME: &str = "momkd-cohort";
+/// Newest `format_version` this reader understands.
+pub const FORMAT_VERSION: i64 = 1;
+
+/// Codecs allowed by format version 1.
+const ALLOWED_CODECS: [&str; 3] = ["bytes", "zstd", "gzip"];
+
+/// On-disk data type of `features`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureDtype {
+    F16,
+    F32,
+}
+
+impl FeatureDtype {
+    /// The Zarr / numpy name.
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureDtype::F16 => "float16",
+            FeatureDtype::F32 => "float32",
+        }
+    }
+}
+
+/// On-disk data type of `coords`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CoordDtype {
+    I32,
+    I64,
+}
+
+/// One bag as read from the store: row-major buffers ready to hand to numpy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BagData {
+    /// Number of rows `P`.
+    pub n_rows: usize,
+    /// Feature dimension `D`.
+    pub dim: usize,
+    /// `(P, D)` float32.
+    pub features: Vec<f32>,
+    /// `(P, 2)` int64, `x` then `y`.
+    pub coords: Vec<i64>,
+}
+
+/// The validated parts of an array's `zarr.json`.
+#[derive(Debug, Clone)]
+struct ArrayMeta {
+    shape: Vec<u64>,
+    data_type: String,
+    chunk_shape: Vec<u64>,
+}
+
+/// An open, validated cohort store.
+pub struct CohortStore {
+    path: String,
+    slide_ids: Vec<String>,
+    index: HashMap<String, usize>,
+    feature_dim: usize,
+    n_patches: u64,
+    feat_dtype: FeatureDtype,
+    coord_dtype: CoordDtype,
+    feat_chunk_rows: u64,
+    coord_chunk_rows: u64,
+    offsets: Vec<i64>,
+    header_json: String,
+    features: Array<FilesystemStore>,
+    coords: Array<FilesystemStore>,
+}
+
+impl std::fmt::Debug for CohortStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CohortStore")
+            .field("path", &self.path)
+            .field("n_slides", &self.slide_ids.len())
+            .field("n_patches", &self.n_patches)
+            .field("feature_dim", &self.feature_dim)
+            .finish()
+    }
+}
+
+fn read_json(store: &str, file: &Path, what: &str) -> Result<Value> {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Store(format!(
+                "store {store}: {what} is missing ({} not found)",
+                file.display()
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Store(format!(
+                "store {store}: cannot read {}: {}",
+                file.display(),
+                one_line(e)
+            )))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::Store(format!(
+            "store {store}: {} is not valid JSON: {}",
+            file.display(),
+            one_line(e)
+        ))
+    })
+}
+
+fn get_uint(header: &Map<String, Value>, key: &str, store: &str) -> Result<u64> {
+    match header.get(key) {
+        Some(v) => v.as_u64().ok_or_else(|| {
+            Error::Store(format!(
+                "store {store}: header key '{key}' must be a non-negative integer, got {v}"
+            ))
+        }),
+        None => Err(Error::Store(format!(
+            "store {store}: header key '{key}' is missing"
+        ))),
+    }
+}
+
+/// Why a slide id is not acceptable, if it is not.
+pub fn slide_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("is empty")
+    } else if id.contains('/') || id.contains('\\') {
+        Some("contains a path separator")
+    } else if id.contains('\0') {
+        Some("contains a NUL character")
+    } else if id.starts_with('.') {
+        Some("starts with '.'")
+    } else {
+        None
+    }
+}
+
+/// Parse and check the parts of an array's `zarr.json` that format version 1 constrains.
+fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
+    let file = root.join(name).join("zarr.json");
+    let v = read_json(store, &file, &format!("array '{name}'"))?;
+    let bad = |msg: String| Error::Store(format!("store {store}: array '{name}': {msg}"));
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("zarr.json is not a JSON object".into()))?;
+    if obj.get("zarr_format").and_then(Value::as_i64) != Some(3) {
+        return Err(bad("not a Zarr v3 array (zarr_format != 3)".into()));
+    }
+    if obj.get("node_type").and_then(Value::as_str) != Some("array") {
+        return Err(bad("node_type is not 'array'".into()));
+    }
+    let shape: Vec<u64> = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| bad("'shape' is missing or not a list of integers".into()))?;
+    let data_type = match obj.get("data_type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(bad(format!(
+                "data type {other} is not supported by format version 1"
+            )))
+        }
+        None => return Err(bad("'data_type' is missing".into())),
+    };
+    let grid = obj
+        .get("chunk_grid")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("'chunk_grid' is missing".into()))?;
+    if grid.get("name").and_then(Value::as_str) != Some("regular") {
+        return Err(bad(format!(
+            "chunk grid {} is not supported (format version 1 uses 'regular')",
+            grid.get("name").cloned().unwrap_or(Value::Null)
+        )));
+    }
+    let chunk_shape: Vec<u64> = grid
+        .get("configuration")
+        .and_then(|c| c.get("chunk_shape"))
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| bad("chunk_grid has no integer 'chunk_shape'".into()))?;
+    if chunk_shape.len() != shape.len() || chunk_shape.contains(&0) {
+        return Err(bad(format!(
+            "chunk shape {chunk_shape:?} does not fit array shape {shape:?}"
+        )));
+    }
+    let codecs = obj
+        .get("codecs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("'codecs' is missing".into()))?;
+    for (pos, codec) in codecs.iter().enumerate() {
+        let cname = match codec {
+            Value::String(s) => s.as_str(),
+            Value::Object(m) => m.get("name").and_then(Value::as_str).unwrap_or(""),
+            _ => "",
+        };
+        if !ALLOWED_CODECS.contains(&cname) {
+            return Err(bad(format!(
+                "codec '{cname}' is not supported by format version 1 (allowed: bytes, zstd, gzip)"
+            )));
+        }
+        if (pos == 0) != (cname == "bytes") {
+            return Err(bad(
+                "codecs must be 'bytes' followed by at most zstd/gzip compressors".into(),
+            ));
+        }
+    }
+    if codecs.is_empty() {
+        return Err(bad("'codecs' is empty".into()));
+    }
+    if let Some(st) = obj.get("storage_transformers") {
+        if st.as_array().is_some_and(|a| !a.is_empty()) || !(st.is_array() || st.is_null()) {
+            return Err(bad(
+                "storage transformers are not supported by format version 1".into(),
+            ));
+        }
+    }
+    Ok(ArrayMeta {
+        shape,
+        data_type,
+        chunk_shape,
+    })
+}
+
+fn open_array(
+    store: &str,
+    fs: &Arc<FilesystemStore>,
+    name: &str,
+) -> Result<Array<FilesystemStore>> {
+    Array::open(fs.clone(), &format!("/{name}")).map_err(|e| {
+        Error::Store(format!(
+            "store {store}: array '{name}' cannot be opened: {}",
+            one_line(e)
+        ))
+    })
+}
+
+/// The rows of one chunk that one read task copies.
+#[derive(Debug)]
+enum ChunkRows {
+    /// `len` consecutive rows from `first` (chunk-local).
+    Run { first: usize, len: usize },
+    /// These chunk-local rows, increasing.
+    Picked(Vec<usize>),
+}
+
+impl ChunkRows {
+    fn len(&self) -> usize {
+        match self {
+            ChunkRows::Run { len, .. } => *len,
+            ChunkRows::Picked(v) => v.len(),
+        }
+    }
+}
+
+/// One chunk to decode and the output rows it fills.
+#[derive(Debug)]
+struct ChunkTask {
+    chunk: u64,
+    /// First output row filled by this task.
+    out_row: usize,
+    rows: ChunkRows,
+}
+
+/// Split the rows `start .. start + n` (optionally only the slide-local rows `picked`) into
+/// per-chunk tasks for an array with `chunk_rows` rows per chunk.
+fn plan_chunks(start: u64, n: usize, picked: Option<&[usize]>, chunk_rows: u64) -> Vec<ChunkTask> {
+    let mut tasks: Vec<ChunkTask> = Vec::new();
+    match picked {
+        None => {
+            let end = start + n as u64;
+            let mut row = start;
+            while row < end {
+                let chunk = row / chunk_rows;
+                let chunk_end = ((chunk + 1) * chunk_rows).min(end);
+                tasks.push(ChunkTask {
+                    chunk,
+                    out_row: (row - start) as usize,
+                    rows: ChunkRows::Run {
+                        first: (row - chunk * chunk_rows) as usize,
+                        len: (chunk_end - row) as usize,
+                    },
+                });
+                row = chunk_end;
+            }
+        }
+        Some(rows) => {
+            for (out, &local) in rows.iter().enumerate() {
+                let g = start + local as u64;
+                let chunk = g / chunk_rows;
+                let in_chunk = (g - chunk * chunk_rows) as usize;
+                match tasks.last_mut() {
+                    Some(t) if t.chunk == chunk => {
+                        if let ChunkRows::Picked(v) = &mut t.rows {
+                            v.push(in_chunk);
+                        }
+                    }
+                    _ => tasks.push(ChunkTask {
+                        chunk,
+                        out_row: out,
+                        rows: ChunkRows::Picked(vec![in_chunk]),
+                    }),
+                }
+            }
+        }
+    }
+    tasks
+}
+
+/// Context for messages about one bag read.
+struct ReadCtx<'a> {
+    store: &'a str,
+    slide: &'a str,
+    /// Slide-local row of every output row (`None`: output row == slide row).
+    picked: Option<&'a [usize]>,
+}
+
+impl ReadCtx<'_> {
+    fn slide_row(&self, out_row: usize) -> usize {
+        self.picked.map_or(out_row, |p| p[out_row])
+    }
+}
+
+/// Decode the chunks listed in `tasks` of `array` (with `ncols` columns) into `out`, converting each
+/// source row slice with `convert`, which returns the first bad element index of its input.
+fn read_rows<T, O, F>(
+    array: &Array<FilesystemStore>,
+    ncols: usize,
+    tasks: &[ChunkTask],
+    out: &mut [O],
+    ctx: &ReadCtx<'_>,
+    convert: F,
+) -> Result<()>
+where
+    T: bytemuck::Pod + Send + Sync,
+    O: Send,
+    F: Fn(&[T], &mut [O]) -> Option<usize> + Sync,
+{
+    let mut pieces: Vec<(&ChunkTask, &mut [O])> = Vec::with_capacity(tasks.len());
+    let mut rest = out;
+    for t in tasks {
+        let (head, tail) = rest.split_at_mut(t.rows.len() * ncols);
+        pieces.push((t, head));
+        rest = tail;
+    }
+    let options = CodecOptions::default().with_concurrent_target(1);
+    let results: Vec<Result<()>> = pieces
+        .into_par_iter()
+        .map(|(task, dst)| {
+            let indices = [task.chunk, 0];
+            let key = array.chunk_key(&indices);
+            let bytes = match array
+                .retrieve_chunk_if_exists_opt::<ArrayBytes<'static>>(&indices, &options)
+            {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    return Err(Error::Store(format!(
+                        "store {}: slide {}: chunk {key} is missing",
+                        ctx.store, ctx.slide
+                    )))
+                }
+                Err(e) => {
+                    return Err(Error::Store(format!(
+                        "store {}: slide {}: chunk {key} is corrupt or truncated: {}",
+                        ctx.store,
+                        ctx.slide,
+                        one_line(e)
+                    )))
+                }
+            };
+            let raw = bytes.into_fixed().map_err(|e| {
+                Error::Store(format!(
+                    "store {}: slide {}: chunk {key}: {}",
+                    ctx.store,
+                    ctx.slide,
+                    one_line(e)
+                ))
+            })?;
+            // Decoded chunk bytes are native-endian elements; view them in place when aligned.
+            let copied: Vec<T>;
+            let data: &[T] = match bytemuck::try_cast_slice::<u8, T>(&raw) {
+                Ok(view) => view,
+                Err(_) if raw.len() % std::mem::size_of::<T>() == 0 => {
+                    copied = bytemuck::pod_collect_to_vec(&raw);
+                    &copied
+                }
+                Err(_) => {
+                    return Err(Error::Store(format!(
+                        "store {}: slide {}: chunk {key} decoded to {} bytes, not a whole number of elements",
+                        ctx.store,
+                        ctx.slide,
+                        raw.len()
+                    )))
+                }
+            };
+            let bad_row = |out_offset: usize| -> Error {
+                let out_row = task.out_row + out_offset;
+                Error::Data(format!(
+                    "store {}: slide {}: non-finite feature value in row {} (chunk {key})",
+                    ctx.store,
+                    ctx.slide,
+                    ctx.slide_row(out_row)
+                ))
+            };
+            let short = |need: usize| -> Error {
+                Error::Store(format!(
+                    "store {}: slide {}: chunk {key} decoded to {} values, expected at least {need}",
+                    ctx.store,
+                    ctx.slide,
+                    data.len()
+                ))
+            };
+            match &task.rows {
+                ChunkRows::Run { first, len } => {
+                    let lo = first * ncols;
+                    let hi = (first + len) * ncols;
+                    let src = data.get(lo..hi).ok_or_else(|| short(hi))?;
+                    if let Some(bad) = convert(src, dst) {
+                        return Err(bad_row(bad / ncols));
+                    }
+                }
+                ChunkRows::Picked(rows) => {
+                    for (k, (&r, d)) in rows.iter().zip(dst.chunks_mut(ncols)).enumerate() {
+                        let src = data
+                            .get(r * ncols..(r + 1) * ncols)
+                            .ok_or_else(|| short((r + 1) * ncols))?;
+                        if convert(src, d).is_some() {
+                            return Err(bad_row(k));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect()
+}
+
+impl CohortStore {
+    /// Open and validate the store at `path`.
+    ///
+    /// # Errors
+    /// [`Error::Store`] naming the store and the offending key or array for every check listed in
+    /// FORMAT.md "What opening a store checks".
+    pub fn open(path: &str) -> Result<CohortStore> {
+        let root = PathBuf::from(path);
+        let store = path;
+        if !root.is_dir() {
+            return Err(Error::Store(format!(
+                "store {store}: not a directory (no such store)"
+            )));
+        }
+        let group = read_json(store, &root.join("zarr.json"), "group metadata zarr.json")?;
+        if group.get("zarr_format").and_then(Value::as_i64) != Some(3) {
+            return Err(Error::Store(format!(
+                "store {store}: not a Zarr v3 store (zarr_format != 3 in zarr.json)"
+            )));
+        }
+        if group.get("node_type").and_then(Value::as_str) != Some("group") {
+            return Err(Error::Store(format!(
+                "store {store}: the root zarr.json is not a group"
+            )));
+        }
+        let header_value = group
+            .get("attributes")
+            .and_then(|a| a.get("momkd"))
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "store {store}: no momkd header (attributes[\"momkd\"] is missing in zarr.json)"
+                ))
+            })?;
+        let header = header_value.as_object().ok_or_else(|| {
+            Error::Store(format!(
+                "store {store}: the momkd header is not a JSON object"
+            ))
+        })?;
+        match header.get("format").and_then(Value::as_str) {
+            Some(FORMAT_NAME) => {}
+            Some(other) => {
+                return Err(Error::Store(format!(
+                    "store {store}: header 'format' is '{other}', expected '{FORMAT_NAME}'"
+                )))
+            }
+            None => {
+                return Err(Error::Store(format!(
+                    "store {store}: header key 'format' is missing or not a string"
+                )))
+            }
+        }
+        match header.get("format_version").and_then(Value::as_i64) {
+            Some(v) if v == FORMAT_VERSION => {}
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(Error::Store(format!(
+                    "store {store}: format_version {v} is newer than this momkd supports ({FORMAT_VERSION})"
+                )))
+            }
+            Some(v) => {
+                return Err(Error::Store(format!(
+                    "store {store}: format_version {v} is not supported (expected {FORMAT_VERSION})"
+                )))
+            }
+            None => {
+                return Err(Error::Store(format!(
+                    "store {store}: header key 'format_version' is missing or not an integer"
+                )))
+            }
+        }
+        match header.get("complete") {
+            Some(Value::Bool(true)) => {}
+            Some(Value::Bool(false)) => {
+                return Err(Error::Store(format!(
+                    "store {store}: the store is incomplete (header 'complete' is false: an ingest was interrupted; rerun `momkd ingest` to resume it)"
+                )))
+            }
+            _ => {
+                return Err(Error::Store(format!(
+                    "store {store}: header key 'complete' is missing or not a boolean"
+                )))
+            }
+        }
+        let feature_dim = get_uint(header, "feature_dim", store)?;
+        let n_slides = get_uint(header, "n_slides", store)?;
+        let n_patches = get_uint(header, "n_patches", store)?;
+        if feature_dim == 0 {
+            return Err(Error::Store(format!(
+                "store {store}: header 'feature_dim' must be at least 1"
+            )));
+        }
+        let ids_value = header
+            .get("slide_ids")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "store {store}: header key 'slide_ids' is missing or not a list"
+                ))
+            })?;
+        let mut slide_ids = Vec::with_capacity(ids_value.len());
+        let mut index = HashMap::with_capacity(ids_value.len());
+        for (i, v) in ids_value.iter().enumerate() {
+            let id = v.as_str().ok_or_else(|| {
+                Error::Store(format!(
+                    "store {store}: slide_ids[{i}] is not a string: {v}"
+                ))
+            })?;
+            if let Some(problem) = slide_id_problem(id) {
+                return Err(Error::Store(format!(
+                    "store {store}: slide id {id:?} (slide_ids[{i}]) {problem}"
+                )));
+            }
+            if index.insert(id.to_string(), i).is_some() {
+                return Err(Error::Store(format!(
+                    "store {store}: duplicate slide id {id:?} in slide_ids"
+                )));
+            }
+            slide_ids.push(id.to_string());
+        }
+        if slide_ids.len() as u64 != n_slides {
+            return Err(Error::Store(format!(
+                "store {store}: slide_ids has {} entries but n_slides is {n_slides}",
+                slide_ids.len()
+            )));
+        }
+
+        let fmeta = array_meta(store, &root, "features")?;
+        let cmeta = array_meta(store, &root, "coords")?;
+        let ometa = array_meta(store, &root, "offsets")?;
+        let bad =
+            |name: &str, msg: String| Error::Store(format!("store {store}: array '{name}': {msg}"));
+        if fmeta.shape.len() != 2 {
+            return Err(bad(
+                "features",
+                format!("rank {} (expected 2)", fmeta.shape.len()),
+            ));
+        }
+        let feat_dtype = match fmeta.data_type.as_str() {
+            "float16" => FeatureDtype::F16,
+            "float32" => FeatureDtype::F32,
+            other => {
+                return Err(bad(
+                    "features",
+                    format!("data type '{other}' is not supported (float16 or float32)"),
+                ))
+            }
+        };
+        if fmeta.shape[1] != feature_dim {
+            return Err(bad(
+                "features",
+                format!(
+                    "{} columns but the header says feature_dim {feature_dim}",
+                    fmeta.shape[1]
+                ),
+            ));
+        }
+        if fmeta.shape[0] != n_patches {
+            return Err(bad(
+                "features",
+                format!(
+                    "{} rows but the header says n_patches {n_patches}",
+                    fmeta.shape[0]
+                ),
+            ));
+        }
+        if fmeta.chunk_shape[1] != feature_dim {
+            return Err(bad(
+                "features",
+                format!(
+                    "chunk shape {:?} does not span all {feature_dim} columns",
+                    fmeta.chunk_shape
+                ),
+            ));
+        }
+        if cmeta.shape.len() != 2 {
+            return Err(bad(
+                "coords",
+                format!("rank {} (expected 2)", cmeta.shape.len()),
+            ));
+        }
+        let coord_dtype = match cmeta.data_type.as_str() {
+            "int32" => CoordDtype::I32,
+            "int64" => CoordDtype::I64,
+            other => {
+                return Err(bad(
+                    "coords",
+                    format!("data type '{other}' is not supported (int32 or int64)"),
+                ))
+            }
+        };
+        if cmeta.shape[1] != 2 {
+            return Err(bad(
+                "coords",
+                format!("{} columns (expected 2)", cmeta.shape[1]),
+            ));
+        }
+        if cmeta.shape[0] != n_patches {
+            return Err(bad(
+                "coords",
+                format!("{} rows but features has {n_patches}", cmeta.shape[0]),
+            ));
+        }
+        if cmeta.chunk_shape[1] != 2 {
+            return Err(bad(
+                "coords",
+                format!(
+                    "chunk shape {:?} does not span both columns",
+                    cmeta.chunk_shape
+                ),
+            ));
+        }
+        if ometa.shape.len() != 1 {
+            return Err(bad(
+                "offsets",
+                format!("rank {} (expected 1)", ometa.shape.len()),
+            ));
+        }
+        if ometa.data_type != "int64" {
+            return Err(bad(
+                "offsets",
+                format!("data type '{}' is not supported (int64)", ometa.data_type),
+            ));
+        }
+        if ometa.shape[0] != n_slides + 1 {
+            return Err(bad(
+                "offsets",
+                format!(
+                    "length {} but n_slides + 1 is {}",
+                    ometa.shape[0],
+                    n_slides + 1
+                ),
+            ));
+        }
+
+        let fs =
+            Arc::new(FilesystemStore::new(&root).map_err(|e| {
+                Error::Store(format!("store {store}: cannot open: {}", one_line(e)))
+            })?);
+        let features = open_array(store, &fs, "features")?;
+        let coords = open_array(store, &fs, "coords")?;
+        let offsets_arr = open_array(store, &fs, "offsets")?;
+
+        let offsets = read_offsets(
+            store,
+            &offsets_arr,
+            n_slides as usize + 1,
+            ometa.chunk_shape[0],
+        )?;
+        if offsets.first() != Some(&0) {
+            return Err(bad(
+                "offsets",
+                format!("starts at {} (expected 0)", offsets[0]),
+            ));
+        }
+        if let Some(i) = offsets.windows(2).position(|w| w[1] <= w[0]) {
+            let what = if offsets[i + 1] == offsets[i] {
+                format!(
+                    "slide {:?} has no patches (offsets[{i}] == offsets[{}] == {})",
+                    slide_ids.get(i).map_or("", String::as_str),
+                    i + 1,
+                    offsets[i]
+                )
+            } else {
+                format!(
+                    "not strictly increasing at index {} ({} after {})",
+                    i + 1,
+                    offsets[i + 1],
+                    offsets[i]
+                )
+            };
+            return Err(bad("offsets", what));
+        }
+        let last = *offsets.last().unwrap_or(&0);
+        if last < 0 || last as u64 != n_patches {
+            return Err(bad(
+                "offsets",
+                format!("ends at {last} but the store has {n_patches} patches"),
+            ));
+        }
+
+        let header_json = serde_json::to_string(header_value).map_err(|e| {
+            Error::Store(format!(
+                "store {store}: cannot serialise the header: {}",
+                one_line(e)
+            ))
+        })?;
+        Ok(CohortStore {
+            path: path.to_string(),
+            slide_ids,
+            index,
+            feature_dim: feature_dim as usize,
+            n_patches,
+            feat_dtype,
+            coord_dtype,
+            feat_chunk_rows: fmeta.chunk_shape[0],
+            coord_chunk_rows: cmeta.chunk_shape[0],
+            offsets,
+            header_json,
+            features,
+            coords,
+        })
+    }
+
+    /// The path the store was opened with.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// Slide ids in storage order.
+    pub fn slide_ids(&self) -> &[String] {
+        &self.slide_ids
+    }
+    /// Number of slides.
+    pub fn len(&self) -> usize {
+        self.slide_ids.len()
+    }
+    /// True for a store without slides.
+    pub fn is_empty(&self) -> bool {
+        self.slide_ids.is_empty()
+    }
+    /// Feature dimension `D`.
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+    /// Total number of patches `N`.
+    pub fn n_patches(&self) -> u64 {
+        self.n_patches
+    }
+    /// On-disk feature data type.
+    pub fn dtype(&self) -> FeatureDtype {
+        self.feat_dtype
+    }
+    /// Rows per chunk of `features`.
+    pub fn chunk_rows(&self) -> u64 {
+        self.feat_chunk_rows
+    }
+    /// The root `attributes["momkd"]` as JSON text.
+    pub fn header_json(&self) -> &str {
+        &self.header_json
+    }
+    /// CSR offsets, length `S + 1`.
+    pub fn offsets(&self) -> &[i64] {
+        &self.offsets
+    }
+
+    /// Index of `slide_id` in storage order.
+    ///
+    /// # Errors
+    /// [`Error::SlideNotFound`] naming the store and the id.
+    pub fn index_of(&self, slide_id: &str) -> Result<usize> {
+        self.index.get(slide_id).copied().ok_or_else(|| {
+            Error::SlideNotFound(format!(
+                "store {}: no slide with id {slide_id:?}",
+                self.path
+            ))
+        })
+    }
+
+    /// Check that `index` names a slide.
+    ///
+    /// # Errors
+    /// [`Error::SlideNotFound`] when it is out of range.
+    pub fn check_index(&self, index: usize) -> Result<()> {
+        if index < self.slide_ids.len() {
+            Ok(())
+        } else {
+            Err(Error::SlideNotFound(format!(
+                "store {}: slide index {index} is out of range (the store has {} slides)",
+                self.path,
+                self.slide_ids.len()
+            )))
+        }
+    }
+
+    /// Number of patches of slide `index`.
+    ///
+    /// # Errors
+    /// [`Error::SlideNotFound`] when `index` is out of range.
+    pub fn bag_len(&self, index: usize) -> Result<usize> {
+        self.check_index(index)?;
+        Ok((self.offsets[index + 1] - self.offsets[index]) as usize)
+    }
+
+    /// Read slide `index`, optionally subsampled to `max_patches` rows (deterministic in
+    /// `(seed, epoch, index)`, rows kept in storage order). Runs its parallel decode on the rayon
+    /// pool that is current when called (use `pool.install`).
+    ///
+    /// # Errors
+    /// [`Error::SlideNotFound`], [`Error::Config`] for `max_patches == Some(0)`, [`Error::Store`]
+    /// for a missing/corrupt chunk, [`Error::Data`] for a non-finite feature value.
+    pub fn read(
+        &self,
+        index: usize,
+        max_patches: Option<usize>,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<BagData> {
+        let p = self.bag_len(index)?;
+        if max_patches == Some(0) {
+            return Err(Error::Config("max_patches must be at least 1".into()));
+        }
+        let picked = bag_rows(p, max_patches, seed, epoch, index);
+        let n_rows = picked.as_ref().map_or(p, Vec::len);
+        let start = self.offsets[index] as u64;
+        let ctx = ReadCtx {
+            store: &self.path,
+            slide: &self.slide_ids[index],
+            picked: picked.as_deref(),
+        };
+        let d = self.feature_dim;
+        let mut features = vec![0f32; n_rows * d];
+        let ftasks = plan_chunks(start, p, picked.as_deref(), self.feat_chunk_rows);
+        let mut coords = vec![0i64; n_rows * 2];
+        let ctasks = plan_chunks(start, p, picked.as_deref(), self.coord_chunk_rows);
+        let (fres, cres) = rayon::join(
+            || match self.feat_dtype {
+                FeatureDtype::F16 => read_rows::<f16, f32, _>(
+                    &self.features,
+                    d,
+                    &ftasks,
+                    &mut features,
+                    &ctx,
+                    f16_to_f32_checked,
+                ),
+                FeatureDtype::F32 => read_rows::<f32, f32, _>(
+                    &self.features,
+                    d,
+                    &ftasks,
+                    &mut features,
+                    &ctx,
+                    f32_copy_checked,
+                ),
+            },
+            || match self.coord_dtype {
+                CoordDtype::I32 => read_rows::<i32, i64, _>(
+                    &self.coords,
+                    2,
+                    &ctasks,
+                    &mut coords,
+                    &ctx,
+                    |src, dst| {
+                        for (o, &v) in dst.iter_mut().zip(src) {
+                            *o = i64::from(v);
+                        }
+                        None
+                    },
+                ),
+                CoordDtype::I64 => read_rows::<i64, i64, _>(
+                    &self.coords,
+                    2,
+                    &ctasks,
+                    &mut coords,
+                    &ctx,
+                    |src, dst| {
+                        dst.copy_from_slice(src);
+                        None
+                    },
+                ),
+            },
+        );
+        fres?;
+        cres?;
+        Ok(BagData {
+            n_rows,
+            dim: d,
+            features,
+            coords,
+        })
+    }
+}
+
+fn read_offsets(
+    store: &str,
+    arr: &Array<FilesystemStore>,
+    len: usize,
+    chunk_rows: u64,
+) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(len);
+    let n_chunks = (len as u64).div_ceil(chunk_rows);
+    let options = CodecOptions::default().with_concurrent_target(1);
+    for c in 0..n_chunks {
+        let key = arr.chunk_key(&[c]);
+        let data = match arr.retrieve_chunk_if_exists_opt::<Vec<i64>>(&[c], &options) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return Err(Error::Store(format!(
+                    "store {store}: array 'offsets': chunk {key} is missing"
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Store(format!(
+                    "store {store}: array 'offsets': chunk {key} is corrupt or truncated: {}",
+                    one_line(e)
+                )))
+            }
+        };
+        let take = (len - out.len()).min(data.len());
+        out.extend_from_slice(&data[..take]);
+    }
+    if out.len() != len {
+        return Err(Error::Store(format!(
+            "store {store}: array 'offsets' decoded to {} values, expected {len}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_contiguous_rows_across_chunks() {
+        // Rows 5..17 with 4 rows per chunk: chunks 1 (5..8), 2 (8..12), 3 (12..16), 4 (16..17).
+        let t = plan_chunks(5, 12, None, 4);
+        let got: Vec<(u64, usize, usize, usize)> = t
+            .iter()
+            .map(|t| match t.rows {
+                ChunkRows::Run { first, len } => (t.chunk, t.out_row, first, len),
+                ChunkRows::Picked(_) => panic!("expected runs"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, 0, 1, 3), (2, 3, 0, 4), (3, 7, 0, 4), (4, 11, 0, 1)]
+        );
+    }
+
+    #[test]
+    fn plan_picked_rows_groups_by_chunk() {
+        // Slide starts at global row 6; local rows 0, 1, 5, 6 -> global 6, 7, 11, 12; chunk size 4.
+        let t = plan_chunks(6, 10, Some(&[0, 1, 5, 6]), 4);
+        assert_eq!(t.len(), 3);
+        assert_eq!((t[0].chunk, t[0].out_row), (1, 0));
+        assert!(matches!(&t[0].rows, ChunkRows::Picked(v) if v == &vec![2, 3]));
+        assert_eq!((t[1].chunk, t[1].out_row), (2, 2));
+        assert!(matches!(&t[1].rows, ChunkRows::Picked(v) if v == &vec![3]));
+        assert_eq!((t[2].chunk, t[2].out_row), (3, 3));
+        assert!(matches!(&t[2].rows, ChunkRows::Picked(v) if v == &vec![0]));
+    }
+
+    #[test]
+    fn slide_id_rules() {
+        assert_eq!(slide_id_problem("TCGA-A1-A0SB"), None);
+        assert!(slide_id_problem("").is_some());
+        assert!(slide_id_problem("a/b").is_some());
+        assert!(slide_id_problem("a\\b").is_some());
+        assert!(slide_id_problem("a\0b").is_some());
+        assert!(slide_id_problem(".hidden").is_some());
+        assert!(slide_id_problem("..").is_some());
+    }
+}
+
+/// Stores written by hand from FORMAT.md (JSON documents + zstd chunk files), independent of zarrs.
+#[cfg(test)]
+pub(crate) mod read_tests {
+    use super::*;
+    use std::io::Write;
+
+    pub(crate) struct Slide {
+        pub id: &'static str,
+        pub feats: Vec<f32>,
+        pub coords: Vec<i32>,
+    }
+
+    fn zstd_bytes(raw: &[u8]) -> Vec<u8> {
+        let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_checksum(true).unwrap();
+        enc.write_all(raw).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn array_json(shape: &[usize], chunks: &[usize], dtype: &str) -> String {
+        serde_json::json!({
+            "zarr_format": 3, "node_type": "array", "shape": shape, "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "zstd", "configuration": {"level": 3, "checksum": true}}],
+            "attributes": {}
+        })
+        .to_string()
+    }
+
+    /// Write `values` (row-major, `cols` columns) as chunks of `rows` rows; edge chunk zero-padded.
+    fn write_chunks(dir: &Path, name: &str, cols: usize, rows: usize, values: &[u8], item: usize) {
+        let chunk_bytes = rows * cols.max(1) * item;
+        let n_chunks = values.len().div_ceil(chunk_bytes).max(1);
+        for c in 0..n_chunks {
+            let mut raw = vec![0u8; chunk_bytes];
+            let lo = c * chunk_bytes;
+            let hi = ((c + 1) * chunk_bytes).min(values.len());
+            raw[..hi - lo].copy_from_slice(&values[lo..hi]);
+            let path = if cols == 0 {
+                dir.join(name).join("c").join(c.to_string())
+            } else {
+                dir.join(name).join("c").join(c.to_string()).join("0")
+            };
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, zstd_bytes(&raw)).unwrap();
+        }
+    }
+
+    pub(crate) fn write_store(dir: &Path, slides: &[Slide], d: usize, rows: usize, use_f16: bool) {
+        let n: usize = slides.iter().map(|s| s.coords.len() / 2).sum();
+        let ids: Vec<&str> = slides.iter().map(|s| s.id).collect();
+        let group = serde_json::json!({
+            "zarr_format": 3, "node_type": "group",
+            "attributes": {"momkd": {
+                "format": "momkd-cohort", "format_version": 1, "complete": true,
+                "feature_dim": d, "n_slides": slides.len(), "n_patches": n, "slide_ids": ids,
+                "encoder": "test"}}
+        });
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("zarr.json"), group.to_string()).unwrap();
+        for name in ["features", "coords", "offsets"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+        }
+        let dtype = if use_f16 { "float16" } else { "float32" };
+        std::fs::write(
+            dir.join("features/zarr.json"),
+            array_json(&[n, d], &[rows, d], dtype),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("coords/zarr.json"),
+            array_json(&[n, 2], &[rows, 2], "int32"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("offsets/zarr.json"),
+            array_json(&[slides.len() + 1], &[2], "int64"),
+        )
+        .unwrap();
+        let feats: Vec<u8> = slides
+            .iter()
+            .flat_map(|s| s.feats.iter())
+            .flat_map(|&v| {
+                if use_f16 {
+                    f16::from_f32(v).to_le_bytes().to_vec()
+                } else {
+                    v.to_le_bytes().to_vec()
+                }
+            })
+            .collect();
+        write_chunks(
+            dir,
+            "features",
+            d,
+            rows,
+            &feats,
+            if use_f16 { 2 } else { 4 },
+        );
+        let coords: Vec<u8> = slides
+            .iter()
+            .flat_map(|s| s.coords.iter())
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        write_chunks(dir, "coords", 2, rows, &coords, 4);
+        let mut offsets = vec![0i64];
+        for s in slides {
+            offsets.push(offsets.last().unwrap() + (s.coords.len() / 2) as i64);
+        }
+        let off: Vec<u8> = offsets.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_chunks(dir, "offsets", 0, 2, &off, 8);
+    }
+
+    pub(crate) fn slides(d: usize) -> Vec<Slide> {
+        let mk = |id: &'static str, p: usize, base: f32| Slide {
+            id,
+            feats: (0..p * d).map(|i| base + i as f32 * 0.25).collect(),
+            coords: (0..p)
+                .flat_map(|i| [i as i32 * 256, (i % 3) as i32 * 256])
+                .collect(),
+        };
+        vec![mk("a", 5, 1.0), mk("b", 11, -3.0), mk("c", 2, 100.0)]
+    }
+
+    fn expect_bag(s: &Slide, d: usize, bag: &BagData) {
+        assert_eq!(bag.n_rows, s.coords.len() / 2);
+        assert_eq!(bag.dim, d);
+        assert_eq!(bag.features, s.feats);
+        let c: Vec<i64> = s.coords.iter().map(|&v| i64::from(v)).collect();
+        assert_eq!(bag.coords, c);
+    }
+
+    #[test]
+    fn reads_every_slide_across_chunk_boundaries() {
+        for (use_f16, rows) in [(true, 4), (false, 3), (true, 64)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("s.zarr");
+            let d = 3;
+            let sl = slides(d);
+            write_store(&dir, &sl, d, rows, use_f16);
+            let st = CohortStore::open(dir.to_str().unwrap()).unwrap();
+            assert_eq!(st.len(), 3);
+            assert_eq!(st.offsets(), &[0, 5, 16, 18]);
+            assert_eq!(
+                st.dtype(),
+                if use_f16 {
+                    FeatureDtype::F16
+                } else {
+                    FeatureDtype::F32
+                }
+            );
+            assert_eq!(st.index_of("b").unwrap(), 1);
+            assert!(matches!(st.index_of("zz"), Err(Error::SlideNotFound(_))));
+            for (i, s) in sl.iter().enumerate() {
+                expect_bag(s, d, &st.read(i, None, 0, 0).unwrap());
+            }
+            // Subsampled rows are exactly the picked rows of the full bag.
+            let full = st.read(1, None, 0, 0).unwrap();
+            let sub = st.read(1, Some(4), 7, 1).unwrap();
+            let picked = bag_rows(11, Some(4), 7, 1, 1).unwrap();
+            assert_eq!(sub.n_rows, 4);
+            for (k, &r) in picked.iter().enumerate() {
+                assert_eq!(
+                    sub.features[k * d..(k + 1) * d],
+                    full.features[r * d..(r + 1) * d]
+                );
+                assert_eq!(sub.coords[k * 2..k * 2 + 2], full.coords[r * 2..r * 2 + 2]);
+            }
+        }
+    }
+
+    #[test]
+    fn missing_corrupt_and_nan_chunks_name_the_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        let d = 3;
+        let mut sl = slides(d);
+        sl[2].feats[4] = f32::NAN; // slide c, row 1
+        write_store(&dir, &sl, d, 4, true);
+        let st = CohortStore::open(dir.to_str().unwrap()).unwrap();
+        let err = st.read(2, None, 0, 0).unwrap_err();
+        assert!(
+            matches!(&err, Error::Data(m) if m.contains("slide c") && m.contains("row 1") && m.contains("features/c/4/0")),
+            "{err:?}"
+        );
+        std::fs::remove_file(dir.join("features/c/3/0")).unwrap();
+        let err = st.read(1, None, 0, 0).unwrap_err();
+        assert!(
+            matches!(&err, Error::Store(m) if m.contains("slide b") && m.contains("features/c/3/0") && m.contains("missing")),
+            "{err:?}"
+        );
+        let chunk = dir.join("coords/c/0/0");
+        let bytes = std::fs::read(&chunk).unwrap();
+        std::fs::write(&chunk, &bytes[..bytes.len() / 2]).unwrap();
+        let err = st.read(0, None, 0, 0).unwrap_err();
+        assert!(
+            matches!(&err, Error::Store(m) if m.contains("slide a") && m.contains("coords/c/0/0")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn open_rejects_bad_headers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        write_store(&dir, &slides(2), 2, 4, true);
+        let group_path = dir.join("zarr.json");
+        let good: Value = serde_json::from_slice(&std::fs::read(&group_path).unwrap()).unwrap();
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("complete", Value::Bool(false), "incomplete"),
+            ("format_version", Value::from(2), "newer"),
+            ("format", Value::from("other"), "format"),
+            ("n_slides", Value::from(4), "n_slides"),
+            ("slide_ids", serde_json::json!(["a", "a", "c"]), "duplicate"),
+            (
+                "slide_ids",
+                serde_json::json!(["a", "../b", "c"]),
+                "path separator",
+            ),
+            ("feature_dim", Value::from(3), "feature_dim"),
+        ];
+        for (key, value, needle) in cases {
+            let mut doc = good.clone();
+            doc["attributes"]["momkd"][key] = value;
+            std::fs::write(&group_path, doc.to_string()).unwrap();
+            let err = CohortStore::open(dir.to_str().unwrap()).unwrap_err();
+            assert!(
+                matches!(&err, Error::Store(m) if m.contains(needle) && m.contains("s.zarr")),
+                "{key}: {err:?}"
+            );
+        }
+        std::fs::write(&group_path, good.to_string()).unwrap();
+        assert!(CohortStore::open(dir.to_str().unwrap()).is_ok());
+        std::fs::write(
+            dir.join("offsets/zarr.json"),
+            array_json(&[4], &[2], "int32"),
+        )
+        .unwrap();
+        let err = CohortStore::open(dir.to_str().unwrap()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Store(m) if m.contains("'offsets'")),
+            "{err:?}"
+        );
+    }
+}
