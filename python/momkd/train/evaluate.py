@@ -1,0 +1,355 @@
+"""Histology-only inference with trained runs: ``momkd eval`` and ``momkd predict``.
+
+Both use the best-validation-AUC model of each fold (``fold_<k>/best.pt``); a run directory gives a
+fold ensemble (mean of the folds' positive-class probabilities). No expression is needed: the
+omics branch is never evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from momkd.errors import ConfigError, DataError, MomkdError
+
+__all__ = ["FoldModel", "evaluate_run", "format_eval", "load_fold_models", "predict"]
+
+log = logging.getLogger(__name__)
+
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
+
+
+class FoldModel:
+    """A trained fold model loaded from a checkpoint.
+
+    Attributes
+    ----------
+    fold : int
+    method : str
+    model : torch.nn.Module
+        In eval mode on ``device``.
+    threshold : float
+        The fold's validation F1 threshold (0.5 when unknown).
+    knn_k : int
+        k-NN graph size used in training.
+    config : dict
+        The run configuration stored in the checkpoint.
+    path : Path
+    """
+
+    def __init__(self, path: Path, device: Any) -> None:
+        from momkd.train.checkpoint import load_checkpoint
+        from momkd.train.loop import build_model, read_json
+
+        ckpt = load_checkpoint(path, map_location=device)
+        for key in ("model", "model_config", "method"):
+            if key not in ckpt:
+                raise MomkdError(f"checkpoint {path} has no '{key}' entry")
+        self.path = path
+        self.fold = int(ckpt.get("fold", 0))
+        self.method = str(ckpt["method"])
+        self.config: dict[str, Any] = ckpt.get("config") or {}
+        self.model = build_model(ckpt["model_config"]).to(device)
+        self.model.load_state_dict(ckpt["model"])
+        self.model.eval()
+        self.knn_k = int((self.config.get("train") or {}).get("knn_k", 8))
+        self.threshold = 0.5
+        result = path.parent / "result.json"
+        if result.is_file():
+            self.threshold = float(read_json(result).get("threshold", 0.5))
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_fold_models(source: str | os.PathLike[str], device: Any = None) -> list[FoldModel]:
+    """Load every ``fold_<k>/best.pt`` of a run directory, or one checkpoint file.
+
+    Parameters
+    ----------
+    source : path
+        Run directory or checkpoint (``*.pt``).
+    device : torch.device, optional
+        Default: CUDA when available, else CPU.
+
+    Returns
+    -------
+    list[FoldModel]
+        Sorted by fold.
+
+    Raises
+    ------
+    MomkdError
+        No checkpoint found, or an unreadable one.
+    """
+    src = Path(source)
+    dev = device if device is not None else _device()
+    if src.is_file():
+        return [FoldModel(src, dev)]
+    if not src.is_dir():
+        raise MomkdError(f"{src}: neither a run directory nor a checkpoint file")
+    folds = []
+    for child in src.iterdir():
+        m = _FOLD_RE.match(child.name)
+        if m and (child / "best.pt").is_file():
+            folds.append((int(m.group(1)), child / "best.pt"))
+    if not folds:
+        raise MomkdError(f"{src}: no fold_<k>/best.pt checkpoint in this run directory")
+    return [FoldModel(p, dev) for _, p in sorted(folds)]
+
+
+def _predict_all(
+    models: Sequence[FoldModel], store: Any, slide_ids: Sequence[str], progress: bool
+) -> np.ndarray:
+    from momkd.train.loop import run_inference
+
+    out = np.zeros((len(models), len(slide_ids)), dtype=np.float64)
+    for i, fm in enumerate(models):
+        res = run_inference(
+            fm.model,
+            store,
+            slide_ids,
+            method=fm.method,
+            device=next(fm.model.parameters()).device,
+            knn_k=fm.knn_k,
+            progress=progress,
+            desc=f"fold {fm.fold}",
+        )
+        out[i] = res.probs
+    return out
+
+
+def _progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def predict(
+    source: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    slides: Sequence[str] | None = None,
+    *,
+    progress: bool | None = None,
+) -> int:
+    """Histology-only predictions of a run (fold ensemble) or of one checkpoint.
+
+    Parameters
+    ----------
+    source : path
+        Run directory (every ``fold_<k>/best.pt``) or a checkpoint file.
+    store : path
+        Cohort store with the slides.
+    out : path
+        Output CSV with columns ``slide_id``, ``prob_pos_fold<k>`` per fold model, ``prob_pos``
+        (mean over folds) and ``pred`` (``prob_pos > 0.5``).
+    slides : sequence of str, optional
+        Only these slides (default: every slide of the store).
+    progress : bool, optional
+        Progress bars (default: on a terminal).
+
+    Returns
+    -------
+    int
+        Number of slides predicted.
+
+    Raises
+    ------
+    SlideNotFoundError
+        A requested slide is not in the store.
+    MomkdError
+        No usable checkpoint.
+    """
+    from momkd.data.store import CohortStore
+    from momkd.train.loop import write_csv
+
+    models = load_fold_models(source)
+    cohort = CohortStore.open(store)
+    ids = list(slides) if slides else list(cohort.slide_ids)
+    if not ids:
+        raise DataError(f"store {store}: no slides to predict")
+    missing = [s for s in ids if s not in cohort]
+    if missing:
+        from momkd.errors import SlideNotFoundError
+
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SlideNotFoundError(f"store {store}: slide '{missing[0]}' not found{more}")
+    _check_dims(models, cohort, store)
+    probs = _predict_all(models, cohort, ids, _progress(progress))
+    mean = probs.mean(axis=0)
+    header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models] + ["prob_pos", "pred"]
+    rows = [
+        [s]
+        + [float(probs[j, i]) for j in range(len(models))]
+        + [float(mean[i]), int(mean[i] > 0.5)]
+        for i, s in enumerate(ids)
+    ]
+    out_path = Path(out)
+    write_csv(out_path, header, rows)
+    log.info("wrote %d predictions to %s", len(ids), out_path)
+    return len(ids)
+
+
+def _check_dims(models: Sequence[FoldModel], cohort: Any, store: Any) -> None:
+    for fm in models:
+        model_cfg: Any = fm.model.cfg
+        d_in = int(model_cfg.d_in)
+        if d_in != int(cohort.feature_dim):
+            raise DataError(
+                f"store {store}: feature dim {cohort.feature_dim} but {fm.path} was trained on "
+                f"{d_in}"
+            )
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    clinical: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    label_column: str | None = None,
+    *,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate every fold model of a run on a labelled cohort (histology only).
+
+    The label mapping, case and slide columns come from the run's configuration; ``label_column``
+    overrides the column name.
+
+    Parameters
+    ----------
+    run_dir : path
+        Run directory written by ``momkd train``.
+    store, clinical : path
+        Cohort store and clinical table of the cohort.
+    out : path, optional
+        Output folder (default ``RUN_DIR/eval_<store name>``): ``predictions.csv`` and
+        ``metrics.json``.
+    label_column : str, optional
+        Label column (default: the run's ``data.label_column``).
+    progress : bool, optional
+        Progress bars (default: on a terminal).
+
+    Returns
+    -------
+    dict
+        ``folds`` (per-fold metrics at argmax and at each fold's validation threshold), ``mean``,
+        ``std`` (ddof 1), ``ensemble`` (metrics of the mean probability), ``n_slides``,
+        ``excluded`` label counts, ``out`` folder.
+    """
+    from momkd.data.clinical import load_clinical
+    from momkd.data.store import CohortStore
+    from momkd.metrics import aggregate, evaluate_with_threshold
+    from momkd.train.loop import write_csv, write_json
+
+    run = Path(run_dir)
+    models = load_fold_models(run)
+    cfg = models[0].config
+    data = cfg.get("data") or {}
+    if not data:
+        raise ConfigError(f"{run}: the checkpoints carry no run configuration")
+    column = label_column or data.get("label_column", "label")
+    table = load_clinical(
+        clinical,
+        data.get("case_column", "case_id"),
+        data.get("slide_column", "slide_id"),
+        column,
+        data.get("positive", []),
+        data.get("negative", []),
+    )
+    cohort = CohortStore.open(store)
+    missing = [s for s in table.slide_ids if s not in cohort]
+    if missing:
+        raise DataError(
+            f"{clinical}: slide '{missing[0]}' not in store {store} ({len(missing)} of "
+            f"{len(table)} labelled slides missing)"
+        )
+    _check_dims(models, cohort, store)
+    ids = list(table.slide_ids)
+    y = table.labels
+    probs = _predict_all(models, cohort, ids, _progress(progress))
+    per_fold = []
+    for j, fm in enumerate(models):
+        m = evaluate_with_threshold(y, probs[j], fm.threshold)
+        m["fold"] = fm.fold
+        per_fold.append(m)
+    mean, std = aggregate([{k: v for k, v in m.items() if k != "fold"} for m in per_fold])
+    ens_p = probs.mean(axis=0)
+    ens_thr = float(np.mean([fm.threshold for fm in models]))
+    ensemble = evaluate_with_threshold(y, ens_p, ens_thr)
+    out_dir = Path(out) if out is not None else run / f"eval_{Path(store).stem}"
+    header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
+    header += ["prob_pos", "pred"]
+    cases = table.case_of()
+    rows = [
+        [s, cases[s], int(y[i])]
+        + [float(probs[j, i]) for j in range(len(models))]
+        + [float(ens_p[i]), int(ens_p[i] > 0.5)]
+        for i, s in enumerate(ids)
+    ]
+    write_csv(out_dir / "predictions.csv", header, rows)
+    result = {
+        "run_dir": str(run),
+        "store": str(store),
+        "clinical": str(clinical),
+        "label_column": column,
+        "method": models[0].method,
+        "n_slides": len(ids),
+        "n_pos": int(y.sum()),
+        "excluded": dict(table.excluded),
+        "folds": per_fold,
+        "mean": mean,
+        "std": std,
+        "ensemble": ensemble,
+        "out": str(out_dir),
+    }
+    write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def _f(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def format_eval(result: Mapping[str, Any]) -> str:
+    """A human-readable report of :func:`evaluate_run`'s result."""
+    lines = [
+        (
+            f"evaluated {result.get('method', '?')} run {result.get('run_dir')} on "
+            f"{result.get('n_slides')} slides ({result.get('n_pos')} positive) of "
+            f"{result.get('store')}"
+        )
+    ]
+    excl = result.get("excluded") or {}
+    if excl:
+        lines.append(
+            "excluded labels: " + ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items())
+        )
+    cols = ("auc", "auprc", "balanced_accuracy", "f1", "thr_balanced_accuracy", "thr_f1")
+    lines.append(f"{'model':>10} " + " ".join(f"{c[:9]:>9}" for c in cols))
+    for m in result.get("folds", []):
+        lines.append(
+            f"{'fold ' + str(m.get('fold')):>10} " + " ".join(f"{_f(m.get(c)):>9}" for c in cols)
+        )
+    mean, std = result.get("mean") or {}, result.get("std") or {}
+    lines.append(f"{'mean':>10} " + " ".join(f"{_f(mean.get(c)):>9}" for c in cols))
+    lines.append(f"{'std':>10} " + " ".join(f"{_f(std.get(c)):>9}" for c in cols))
+    ens = result.get("ensemble") or {}
+    lines.append(f"{'ensemble':>10} " + " ".join(f"{_f(ens.get(c)):>9}" for c in cols))
+    if result.get("out"):
+        lines.append(f"predictions and metrics written to {result['out']}")
+    return "\n".join(lines)

@@ -1,0 +1,1088 @@
+"""Training of one cross-validation fold: model construction, memory initialisation, the epoch loop,
+early stopping, checkpoints, and the fold's final evaluation.
+
+One :class:`FoldTrainer` owns ``RUN_DIR/fold_<k>/``::
+
+    last.pt                   full training state after the latest finished epoch (resume point)
+    best.pt                   model of the best validation AUC (+ config, genomics state)
+    history.json/.csv         one row per epoch: losses, val AUC/loss, lr, tau, timing, memory usage
+    val_predictions.csv       slide_id, case_id, label, prob, pred   (best model)
+    test_predictions.csv      slide_id, case_id, label, prob, pred, pred_thr
+    external_predictions.csv  (when an external cohort is configured)
+    result.json               the fold's metrics; its presence marks the fold as finished
+
+Protocol (SPEC §2.6): AdamW over all trainable parameters, gradient-norm clipping, class-balanced
+sampling with replacement (:class:`~momkd.train.sampler.ClassBalancedSampler`), ReduceLROnPlateau
+and early stopping on the validation AUC, best-validation-AUC model for testing. Test metrics are
+reported at the argmax rule and at the F1-optimal threshold chosen on the validation set.
+
+Reproducibility: every fold seeds Python, numpy and torch with ``train.seed + fold`` before building
+its model, the epoch draw depends only on ``(seed, epoch)``, and ``last.pt`` stores every generator
+state, so a run resumed from ``last.pt`` replays the following epochs exactly as an uninterrupted
+run would (bit-identical on CPU in ``train.deterministic`` mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from momkd.config import RunConfig
+from momkd.data.loader import Bag, BagLoader
+from momkd.data.store import CohortStore
+from momkd.errors import ConfigError, DataError, MomkdError
+from momkd.metrics import binary_metrics, bootstrap_auc_ci, evaluate_with_threshold
+from momkd.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from momkd.train.sampler import ClassBalancedSampler
+
+__all__ = [
+    "METHODS",
+    "EarlyStopping",
+    "FoldData",
+    "FoldTrainer",
+    "InferenceResult",
+    "build_model",
+    "collate",
+    "loss_weights_for",
+    "model_spec_for",
+    "read_csv_predictions",
+    "run_inference",
+    "seed_everything",
+    "select_device",
+    "write_csv",
+    "write_json",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("momkd", "abmil", "batchkd")
+
+
+# ------------------------------------------------------------------------------------- small I/O
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/Inf floats as ``None``, numpy and torch scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write strict JSON (NaN as ``null``) atomically."""
+    _atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file written by :func:`write_json`."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_csv(
+    path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Write a CSV file atomically; floats with 6 significant digits beyond what they need."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow([_cell(v) for v in row])
+    _atomic_write_text(Path(path), buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return repr(float(v))
+    if isinstance(v, list | tuple):
+        return ";".join(str(_cell(x)) for x in v)
+    if v is None:
+        return ""
+    return v
+
+
+def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, float]:
+    """Slide id -> probability from a prediction CSV written by the training loop."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return {row["slide_id"]: float(row[column]) for row in csv.DictReader(fh)}
+
+
+def metrics_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`jsonable` for a metric dict (``None`` back to NaN)."""
+    return {k: (math.nan if v is None else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------- environment
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    Raises
+    ------
+    ConfigError
+        A CUDA/MPS device that is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device: {name} requested but MPS is not available")
+    return dev
+
+
+def progress_enabled(cfg: RunConfig) -> bool:
+    """Progress bars: ``train.progress`` when the configuration has it, else only on a terminal."""
+    setting = getattr(cfg.train, "progress", None)
+    if setting is not None:
+        return bool(setting)
+    if os.environ.get("MOMKD_PROGRESS", "").strip() in ("0", "false", "no"):
+        return False
+    return sys.stderr.isatty()
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, Any]:
+    """The constructor arguments of the configured model as a plain dict.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Resolved configuration (``model``, ``memory``, ``loss`` sections).
+    d_in : int
+        Feature dimension of the store.
+    genes : int | None
+        Number of preprocessed genes (None for ``abmil``).
+
+    Returns
+    -------
+    dict
+        ``{"method": str, "params": dict}`` for :func:`build_model`; stored in checkpoints.
+    """
+    m = cfg.model
+    method = m.method
+    if method not in METHODS:
+        raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+    assert m.hidden is not None and m.sphere is not None
+    if method == "momkd":
+        if m.heads != 2:
+            raise ConfigError(f"model.heads: MoMKD uses 2 GATv2 heads, got {m.heads}")
+        if genes is None:
+            raise ConfigError("data.expression: required by method momkd")
+        params: dict[str, Any] = {
+            "d_in": d_in,
+            "hidden": m.hidden,
+            "omics_width": m.omics_width,
+            "omics_hidden": m.omics_hidden,
+            "sphere": m.sphere,
+            "memory_k": m.memory_k,
+            "genes": genes,
+            "dropout": m.dropout,
+            "omics_dropout": m.omics_dropout,
+            "attn_dropout": m.attn_dropout,
+            "tau_init": m.tau_init,
+            "tau_min": m.tau_min,
+            "tau_max": m.tau_max,
+            "classifier_hidden": m.classifier_hidden,
+            "memory_update": cfg.memory.update,
+            "momentum": cfg.memory.momentum,
+            "dead_after": cfg.memory.dead_after,
+            "momentum_sources": list(cfg.memory.momentum_sources),
+        }
+    elif method == "abmil":
+        params = {
+            "d_in": d_in,
+            "hidden": m.hidden,
+            "attn_dim": m.attention_dim,
+            "dropout": m.dropout,
+        }
+    else:
+        if genes is None:
+            raise ConfigError("data.expression: required by method batchkd")
+        params = {
+            "d_in": d_in,
+            "hidden": m.hidden,
+            "attn_dim": m.attention_dim,
+            "dropout": m.dropout,
+            "genes": genes,
+            "omics_width": m.omics_width,
+            "omics_hidden": m.omics_hidden,
+            "omics_dropout": m.omics_dropout,
+            "classifier_hidden": m.classifier_hidden,
+            "temperature": m.batchkd_temperature,
+            "kd_weight": cfg.loss.batchkd,
+        }
+    return {"method": method, "params": params}
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """Instantiate a model from :func:`model_spec_for`'s dict (as stored in a checkpoint).
+
+    Raises
+    ------
+    ConfigError
+        Unknown method or invalid parameters.
+    """
+    method = spec.get("method")
+    params = dict(spec.get("params", {}))
+    if method == "momkd":
+        from momkd.model.momkd import ModelConfig, MoMKD
+
+        params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
+        return MoMKD(ModelConfig(**params))
+    if method == "abmil":
+        from momkd.model.abmil import ABMIL, ABMILConfig
+
+        return ABMIL(ABMILConfig(**params))
+    if method == "batchkd":
+        from momkd.model.batchkd import BatchKD, BatchKDConfig
+
+        return BatchKD(BatchKDConfig(**params))
+    raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+
+
+def loss_weights_for(cfg: RunConfig) -> Any:
+    """:class:`~momkd.model.momkd.LossWeights` from ``cfg.loss`` (MoMKD only; None otherwise)."""
+    if cfg.model.method != "momkd":
+        return None
+    from momkd.model.momkd import LossWeights
+
+    names = {f for f in LossWeights.__dataclass_fields__}
+    return LossWeights(**{k: getattr(cfg.loss, k) for k in names if hasattr(cfg.loss, k)})
+
+
+def uses_graph(method: str) -> bool:
+    """Whether the method's histology branch needs the k-NN graph."""
+    return method == "momkd"
+
+
+def uses_expression(method: str) -> bool:
+    """Whether the method trains with expression."""
+    return method in ("momkd", "batchkd")
+
+
+def batch_size_for(cfg: RunConfig) -> int:
+    """Bags per optimizer step: ``train.batch_size``; batchkd uses ``model.batchkd_batch`` when
+    ``train.batch_size`` is left at 1 (its alignment is meaningless within a single bag)."""
+    if cfg.model.method == "batchkd" and cfg.train.batch_size == 1:
+        return int(cfg.model.batchkd_batch)
+    return int(cfg.train.batch_size)
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def collate(
+    bags: Sequence[Bag], device: torch.device, *, graph: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Concatenate bags into one disjoint graph.
+
+    Parameters
+    ----------
+    bags : sequence of Bag
+        B bags with ``features`` (P_b, D) and, when ``graph``, ``edge_index`` (2, E_b).
+    device : torch.device
+        Target device.
+    graph : bool
+        Whether to build the concatenated ``edge_index``.
+
+    Returns
+    -------
+    features : Tensor
+        (N, D) float32, N = sum P_b.
+    edge_index : Tensor | None
+        (2, E) int64 with each bag's node indices shifted by its offset (None without ``graph``).
+    segment_offsets : Tensor | None
+        (B + 1,) int64, or None for a single bag.
+    """
+    if graph and any(b.edge_index is None for b in bags):
+        raise DataError("collate: the model needs a k-NN graph but the loader returned none")
+    if len(bags) == 1:
+        b = bags[0]
+        edges = b.edge_index.to(device) if graph and b.edge_index is not None else None
+        return b.features.to(device), edges, None
+    sizes = [b.n_patches for b in bags]
+    offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    feats = torch.cat([b.features for b in bags]).to(device)
+    edges = None
+    if graph:
+        parts = [
+            b.edge_index + int(offsets[i]) for i, b in enumerate(bags) if b.edge_index is not None
+        ]
+        edges = torch.cat(parts, dim=1).to(device)
+    return feats, edges, offsets.to(device)
+
+
+def _chunks(it: Iterator[Bag], total: int, size: int, wait: list[float]) -> Iterator[list[Bag]]:
+    """Group ``total`` bags of ``it`` into lists of ``size``; adds time blocked on ``it`` to wait[0]."""
+    done = 0
+    while done < total:
+        batch = []
+        for _ in range(min(size, total - done)):
+            t0 = time.perf_counter()
+            bag = next(it)
+            wait[0] += time.perf_counter() - t0
+            batch.append(bag)
+        done += len(batch)
+        yield batch
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class InferenceResult:
+    """Histology-only predictions over a list of slides.
+
+    Attributes
+    ----------
+    slide_ids : list[str]
+    probs : np.ndarray
+        (n,) float64 positive-class probabilities.
+    loss : float | None
+        Mean cross-entropy when labels were given.
+    usage : dict | None
+        MoMKD memory usage (SPEC §8) per class memory when requested.
+    seconds : float
+    """
+
+    slide_ids: list[str]
+    probs: np.ndarray
+    loss: float | None = None
+    usage: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def run_inference(
+    model: nn.Module,
+    store: CohortStore,
+    slide_ids: Sequence[str],
+    *,
+    method: str,
+    device: torch.device,
+    knn_k: int = 8,
+    labels: Mapping[str, int] | None = None,
+    collect_usage: bool = False,
+    num_threads: int | None = None,
+    prefetch: int = 4,
+    progress: bool = False,
+    desc: str = "predict",
+) -> InferenceResult:
+    """Predict every slide with the histology branch only (eval mode, all patches).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A MoMKD, ABMIL or BatchKD model.
+    store : CohortStore
+        Store holding the slides.
+    slide_ids : sequence of str
+        Slides to predict (n).
+    method : str
+        ``momkd`` | ``abmil`` | ``batchkd`` (whether a graph is needed).
+    device : torch.device
+    knn_k : int
+        k-NN graph size (MoMKD).
+    labels : mapping, optional
+        Slide -> label; when given the mean cross-entropy is returned.
+    collect_usage : bool
+        Collect MoMKD memory usage statistics over all patches.
+    num_threads, prefetch : loader settings.
+    progress : bool
+        Show a tqdm bar.
+    desc : str
+        Bar label.
+
+    Returns
+    -------
+    InferenceResult
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    ids = list(slide_ids)
+    probs = np.zeros(len(ids), dtype=np.float64)
+    ce_sum = 0.0
+    assign_pos: list[Tensor] = []
+    assign_neg: list[Tensor] = []
+    graph = uses_graph(method)
+    try:
+        if ids:
+            loader = BagLoader(
+                store,
+                ids,
+                shuffle=False,
+                knn_k=knn_k if graph else None,
+                num_threads=num_threads,
+                prefetch=max(1, prefetch),
+            )
+            bar = tqdm(total=len(ids), desc=desc, disable=not progress, leave=False)
+            for i, bag in enumerate(loader):
+                feats, edges, _ = collate([bag], device, graph=graph)
+                out = model(feats, edges)
+                logits = out.logits.float()
+                probs[i] = float(torch.softmax(logits[0], dim=-1)[1])
+                if labels is not None:
+                    y = torch.tensor([labels[bag.slide_id]], device=logits.device)
+                    ce_sum += float(F.cross_entropy(logits, y))
+                if collect_usage:
+                    assign_pos.append(out.assign_pos.cpu())
+                    assign_neg.append(out.assign_neg.cpu())
+                bar.update(1)
+            bar.close()
+    finally:
+        model.train(was_training)
+    usage = None
+    if collect_usage and assign_pos:
+        from momkd.memory import usage_stats
+
+        model_cfg: Any = model.cfg
+        k = int(model_cfg.memory_k)
+        usage = {}
+        for name, parts in (("pos", assign_pos), ("neg", assign_neg)):
+            st = usage_stats(torch.cat(parts), k)
+            usage[name] = {
+                "usage": [float(v) for v in st["usage"]],  # type: ignore[union-attr]
+                "active_ratio": float(st["active_ratio"]),  # type: ignore[arg-type]
+                "perplexity": float(st["perplexity"]),  # type: ignore[arg-type]
+            }
+    return InferenceResult(
+        slide_ids=ids,
+        probs=probs,
+        loss=ce_sum / len(ids) if labels is not None and ids else None,
+        usage=usage,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ------------------------------------------------------------------------------ early stopping
+
+
+@dataclass
+class EarlyStopping:
+    """Early stopping on a score to maximise (the validation AUC).
+
+    Training stops after ``patience`` epochs without a strict improvement, but never before
+    ``min_epochs`` epochs have run.
+    """
+
+    patience: int
+    min_epochs: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score; True when it is the best so far."""
+        if score > self.best or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        """Whether to stop after ``epoch`` (0-based) has finished."""
+        return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+
+
+# --------------------------------------------------------------------------------- fold trainer
+
+
+@dataclass
+class FoldData:
+    """Everything one fold trains and evaluates on.
+
+    Attributes
+    ----------
+    fold : int
+    train, val, test : list[str]
+        Slide ids.
+    labels : dict[str, int]
+        Slide -> label for every slide above.
+    cases : dict[str, str]
+        Slide -> patient.
+    expression : dict[str, np.ndarray] | None
+        Patient -> preprocessed (G,) float32 expression of the training patients (None for abmil).
+    genomics_state : dict | None
+        The fold's fitted :class:`~momkd.train.genomics.GenomicsPreprocessor` state.
+    external : tuple | None
+        ``(store, slide_ids, labels | None, cases)`` of the external cohort.
+    """
+
+    fold: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    labels: dict[str, int]
+    cases: dict[str, str]
+    expression: dict[str, np.ndarray] | None = None
+    genomics_state: dict[str, Any] | None = None
+    external: tuple[CohortStore, list[str], dict[str, int] | None, dict[str, str]] | None = None
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FoldTrainer:
+    """Train and evaluate one fold (see the module docstring for the files it writes).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Resolved configuration.
+    data : FoldData
+        Splits, labels, expression of the fold.
+    store : CohortStore
+        The training cohort store.
+    fold_dir : Path
+        ``RUN_DIR/fold_<k>``.
+    device : torch.device
+    progress : bool
+        Show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: FoldData,
+        store: CohortStore,
+        fold_dir: Path,
+        *,
+        device: torch.device,
+        progress: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.store = store
+        self.dir = Path(fold_dir)
+        self.device = device
+        self.progress = progress
+        self.method = cfg.model.method
+        self.seed = int(cfg.train.seed) + int(data.fold)
+        genes = None
+        if uses_expression(self.method):
+            if not data.expression:
+                raise DataError(f"fold {data.fold}: method {self.method} needs expression")
+            genes = int(next(iter(data.expression.values())).shape[0])
+        self.spec = model_spec_for(cfg, store.feature_dim, genes)
+        self.weights = loss_weights_for(cfg)
+        self.batch_size = batch_size_for(cfg)
+        self.loader_threads = 1 if cfg.train.deterministic else cfg.train.num_threads
+        self.knn_k = int(cfg.train.knn_k)
+        self.graph = uses_graph(self.method)
+        from momkd.config import config_to_dict
+
+        self.config_dict = config_to_dict(cfg)
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _build(self) -> None:
+        seed_everything(self.seed)
+        self.model = build_model(self.spec).to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="max",
+            factor=self.cfg.train.plateau_factor,
+            patience=self.cfg.train.plateau_patience,
+        )
+        train_labels = [self.data.labels[s] for s in self.data.train]
+        self.sampler = ClassBalancedSampler(
+            train_labels, balanced=self.cfg.train.balanced_sampling, seed=self.seed
+        )
+        self.stopper = EarlyStopping(self.cfg.train.patience, self.cfg.train.min_epochs)
+        self.state = _State()
+
+    def _meta(self, kind: str) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "kind": kind,
+            "method": self.method,
+            "model_config": self.spec,
+            "config": self.config_dict,
+            "fold": self.data.fold,
+            "genomics": self.data.genomics_state,
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+        }
+
+    def _save_last(self) -> None:
+        state = self._meta("last")
+        state.update(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "early_stopping": self.stopper.state_dict(),
+                "rng": capture_rng_state(),
+                "history": self.state.history,
+                "finished": self.state.finished,
+            }
+        )
+        save_checkpoint(self.dir / "last.pt", state)
+
+    def _save_best(self, val_auc: float) -> None:
+        state = self._meta("best")
+        state.update({"model": self.model.state_dict(), "val_auc": val_auc})
+        save_checkpoint(self.dir / "best.pt", state)
+
+    def _load_last(self) -> None:
+        ckpt = load_checkpoint(self.dir / "last.pt", map_location=self.device)
+        if ckpt.get("method") != self.method or int(ckpt.get("fold", -1)) != self.data.fold:
+            raise MomkdError(
+                f"checkpoint {self.dir / 'last.pt'} belongs to method {ckpt.get('method')} fold "
+                f"{ckpt.get('fold')}, not {self.method} fold {self.data.fold}"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.stopper.load_state_dict(ckpt["early_stopping"])
+        self.state = _State(
+            epoch=int(ckpt["epoch"]),
+            step=int(ckpt["step"]),
+            finished=bool(ckpt.get("finished", False)),
+            history=list(ckpt.get("history", [])),
+        )
+        restore_rng_state(ckpt["rng"])
+        log.info("fold %d: resumed after epoch %d", self.data.fold, self.state.epoch)
+
+    def _loader(self, slide_ids: Sequence[str], epoch: int, *, train: bool) -> BagLoader:
+        loader = BagLoader(
+            self.store,
+            list(slide_ids),
+            shuffle=False,
+            seed=self.seed,
+            max_patches=self.cfg.train.max_patches if train else None,
+            knn_k=self.knn_k if self.graph else None,
+            num_threads=self.loader_threads,
+            prefetch=max(1, self.cfg.train.prefetch),
+        )
+        loader.set_epoch(epoch)
+        return loader
+
+    @torch.no_grad()
+    def _init_memory(self) -> None:
+        """Spherical k-means initialisation of C+ and C- (SPEC §2.5) from the untrained model."""
+        per_class = int(self.cfg.memory.init_per_class)
+        rng = np.random.default_rng([self.seed, 2_000_003])
+        by_class = {c: [s for s in self.data.train if self.data.labels[s] == c] for c in (0, 1)}
+        if not by_class[0] or not by_class[1]:
+            raise DataError(
+                f"fold {self.data.fold}: the training set needs slides of both classes to "
+                "initialise the memory"
+            )
+        n_slides = min(len(by_class[0]), len(by_class[1]))
+        embeddings: dict[int, Tensor] = {}
+        self.model.eval()
+        for c in (1, 0):
+            order = [by_class[c][i] for i in rng.permutation(len(by_class[c]))[:n_slides]]
+            parts: list[Tensor] = []
+            total = 0
+            for bag in self._loader(order, 0, train=True):
+                feats, edges, _ = collate([bag], self.device, graph=True)
+                out = self.model(feats, edges)
+                parts.append(out.patch_proj.float().cpu())
+                total += parts[-1].shape[0]
+                if total >= per_class:
+                    break
+            emb = torch.cat(parts)
+            if emb.shape[0] > per_class:
+                keep = np.sort(rng.choice(emb.shape[0], size=per_class, replace=False))
+                emb = emb[torch.from_numpy(keep)]
+            embeddings[c] = emb
+        k = int(self.spec["params"]["memory_k"])
+        for c, emb in embeddings.items():
+            if emb.shape[0] < k:
+                raise DataError(
+                    f"fold {self.data.fold}: {emb.shape[0]} patch projections of class {c} for "
+                    f"{k} memory components; lower model.memory_k"
+                )
+        self.model.init_memory(  # type: ignore[operator]
+            embeddings[1].to(self.device),
+            embeddings[0].to(self.device),
+            iters=int(self.cfg.memory.kmeans_iters),
+            seed=self.seed,
+        )
+        self.model.train()
+        log.info(
+            "fold %d: memory initialised from %d / %d projections",
+            self.data.fold,
+            embeddings[1].shape[0],
+            embeddings[0].shape[0],
+        )
+
+    # ---------------------------------------------------------------------------------- epochs
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        model = self.model
+        model.train()
+        positions = self.sampler.indices(epoch)
+        ids = [self.data.train[i] for i in positions]
+        loader = self._loader(ids, epoch, train=True)
+        wait = [0.0]
+        sums: dict[str, float] = {}
+        n_steps = 0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=len(ids),
+            desc=f"fold {self.data.fold} epoch {epoch}",
+            disable=not self.progress,
+            leave=False,
+            unit="slide",
+        )
+        expr_map = self.data.expression
+        use_expr = uses_expression(self.method)
+        after_step = getattr(model, "after_optimizer_step", None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for bags in _chunks(iter(loader), len(ids), self.batch_size, wait):
+            feats, edges, offsets = collate(bags, self.device, graph=self.graph)
+            slide_ids = [b.slide_id for b in bags]
+            y = torch.tensor([self.data.labels[s] for s in slide_ids], device=self.device)
+            expr = None
+            if use_expr:
+                assert expr_map is not None
+                expr = torch.from_numpy(
+                    np.stack([expr_map[self.data.cases[s]] for s in slide_ids])
+                ).to(self.device)
+            out = model(feats, edges, expr, offsets)
+            loss, terms = model.loss(out, y, expr, self.weights)  # type: ignore[operator]
+            if not torch.isfinite(loss):
+                raise DataError(
+                    f"fold {self.data.fold} epoch {epoch}: non-finite loss on slides "
+                    f"{', '.join(slide_ids)}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.train.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_norm)
+            self.optimizer.step()
+            if after_step is not None:
+                after_step(out, y)
+            self.state.step += 1
+            n_steps += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.update(len(bags))
+            bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"train_" + k: v / max(n_steps, 1) for k, v in sums.items()}
+        row.update(
+            {
+                "train_seconds": seconds,
+                "loader_wait_s": wait[0],
+                "loader_wait_share": wait[0] / seconds if seconds > 0 else 0.0,
+                "steps": n_steps,
+            }
+        )
+        return row
+
+    def _validate(self) -> InferenceResult:
+        return run_inference(
+            self.model,
+            self.store,
+            self.data.val,
+            method=self.method,
+            device=self.device,
+            knn_k=self.knn_k,
+            labels=self.data.labels,
+            collect_usage=self.method == "momkd",
+            num_threads=self.loader_threads,
+            prefetch=self.cfg.train.prefetch,
+        )
+
+    def _val_score(self, res: InferenceResult, epoch: int) -> float:
+        """Validation AUC; the negative validation loss when the AUC is undefined (one class).
+
+        Without validation slides the score is the epoch number: the last epoch is kept and
+        neither the learning rate schedule nor early stopping ever triggers.
+        """
+        if not res.slide_ids:
+            return float(epoch)
+        if self._val_has_both():
+            y = np.array([self.data.labels[s] for s in res.slide_ids])
+            return float(binary_metrics(y, res.probs)["auc"])
+        score = -float(res.loss) if res.loss is not None else 0.0
+        return score if math.isfinite(score) else -math.inf
+
+    def fit(self) -> None:
+        """Run (or continue) the epoch loop until early stopping or ``train.epochs``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        epochs = int(cfg.train.epochs)
+        bar = tqdm(
+            total=epochs,
+            initial=self.state.epoch,
+            desc=f"fold {self.data.fold}",
+            disable=not self.progress,
+            unit="epoch",
+        )
+        while not self.state.finished and self.state.epoch < epochs:
+            epoch = self.state.epoch
+            t0 = time.perf_counter()
+            self.sampler.set_epoch(epoch)
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(self._train_epoch(epoch))
+            val = self._validate()
+            score = self._val_score(val, epoch)
+            val_auc = score if val.slide_ids and self._val_has_both() else math.nan
+            self.scheduler.step(score)
+            improved = self.stopper.update(score, epoch)
+            row["val_auc"] = val_auc
+            row["val_loss"] = val.loss
+            row["val_seconds"] = val.seconds
+            row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            tau = getattr(self.model, "tau", None)
+            row["tau"] = float(tau) if tau is not None else None
+            if val.usage is not None:
+                for name, st in val.usage.items():
+                    row[f"mem_{name}_usage"] = st["usage"]
+                    row[f"mem_{name}_active_ratio"] = st["active_ratio"]
+                    row[f"mem_{name}_perplexity"] = st["perplexity"]
+            row["best"] = improved
+            row["seconds"] = time.perf_counter() - t0
+            self.state.history.append(row)
+            self.state.epoch = epoch + 1
+            if self.stopper.should_stop(epoch) or self.state.epoch >= epochs:
+                self.state.finished = True
+            if improved:
+                self._save_best(val_auc)
+            self._save_last()
+            self._write_history()
+            log.info(
+                "fold %d epoch %d: loss %.4f val_auc %.4f val_loss %.4f lr %.2e (%.1fs, loader "
+                "wait %.0f%%)",
+                self.data.fold,
+                epoch,
+                row.get("train_loss", math.nan),
+                val_auc,
+                val.loss if val.loss is not None else math.nan,
+                row["lr"],
+                row["seconds"],
+                100 * row["loader_wait_share"],
+            )
+            bar.update(1)
+            bar.set_postfix(val_auc=f"{val_auc:.3f}", best=f"{self.stopper.best:.3f}")
+        bar.close()
+        self.state.finished = True
+
+    def _val_has_both(self) -> bool:
+        y = {self.data.labels[s] for s in self.data.val}
+        return len(y) == 2
+
+    def _write_history(self) -> None:
+        hist = self.state.history
+        write_json(self.dir / "history.json", hist)
+        keys: list[str] = []
+        for row in hist:
+            keys.extend(k for k in row if k not in keys)
+        write_csv(self.dir / "history.csv", keys, [[row.get(k) for k in keys] for row in hist])
+
+    # ------------------------------------------------------------------------------ evaluation
+
+    def _load_best(self) -> dict[str, Any]:
+        ckpt = load_checkpoint(self.dir / "best.pt", map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        return ckpt
+
+    def _predictions(
+        self,
+        res: InferenceResult,
+        labels: Mapping[str, int] | None,
+        cases: Mapping[str, str],
+        thr: float | None,
+    ) -> list[list[Any]]:
+        rows = []
+        for s, p in zip(res.slide_ids, res.probs.tolist(), strict=True):
+            row: list[Any] = [
+                s,
+                cases.get(s, ""),
+                "" if labels is None else labels[s],
+                p,
+                int(p > 0.5),
+            ]
+            if thr is not None:
+                row.append(int(p > thr))
+            rows.append(row)
+        return rows
+
+    def evaluate(self) -> dict[str, Any]:
+        """Test the best model: threshold from validation, metrics, prediction CSVs, external."""
+        from momkd.metrics import best_f1_threshold
+
+        best = self._load_best()
+        d = self.data
+        kw: dict[str, Any] = {
+            "method": self.method,
+            "device": self.device,
+            "knn_k": self.knn_k,
+            "num_threads": self.loader_threads,
+            "prefetch": self.cfg.train.prefetch,
+            "progress": self.progress,
+        }
+        header = ["slide_id", "case_id", "label", "prob", "pred"]
+        result: dict[str, Any] = {
+            "fold": d.fold,
+            "best_epoch": int(best.get("epoch", 0)) - 1,
+            "epochs": self.state.epoch,
+            "stopped_early": self.state.epoch < int(self.cfg.train.epochs),
+            "n_train": len(d.train),
+            "n_val": len(d.val),
+            "n_test": len(d.test),
+        }
+        thr = 0.5
+        if d.val:
+            val = run_inference(
+                self.model, self.store, d.val, labels=d.labels, desc=f"fold {d.fold} val", **kw
+            )
+            y_val = np.array([d.labels[s] for s in d.val])
+            thr = best_f1_threshold(y_val, val.probs)
+            result["val"] = binary_metrics(y_val, val.probs)
+            result["val"]["loss"] = val.loss
+            write_csv(
+                self.dir / "val_predictions.csv",
+                header,
+                self._predictions(val, d.labels, d.cases, None),
+            )
+        else:
+            result["val"] = {}
+        result["threshold"] = thr
+        test = run_inference(
+            self.model, self.store, d.test, labels=d.labels, desc=f"fold {d.fold} test", **kw
+        )
+        y_test = np.array([d.labels[s] for s in d.test])
+        result["test"] = evaluate_with_threshold(y_test, test.probs, thr)
+        if self.cfg.train.bootstrap > 0:
+            lo, hi = bootstrap_auc_ci(
+                y_test, test.probs, n=self.cfg.train.bootstrap, seed=self.seed
+            )
+            result["test"]["auc_ci_low"], result["test"]["auc_ci_high"] = lo, hi
+        write_csv(
+            self.dir / "test_predictions.csv",
+            header + ["pred_thr"],
+            self._predictions(test, d.labels, d.cases, thr),
+        )
+        if d.external is not None:
+            ext_store, ext_ids, ext_labels, ext_cases = d.external
+            ext = run_inference(
+                self.model, ext_store, ext_ids, desc=f"fold {d.fold} external", **kw
+            )
+            write_csv(
+                self.dir / "external_predictions.csv",
+                header + ["pred_thr"],
+                self._predictions(ext, ext_labels, ext_cases, thr),
+            )
+            if ext_labels is not None:
+                y_ext = np.array([ext_labels[s] for s in ext_ids])
+                result["external"] = evaluate_with_threshold(y_ext, ext.probs, thr)
+        return result
+
+    # ------------------------------------------------------------------------------------- run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train (or resume) and evaluate the fold; returns the fold result written to
+        ``result.json``."""
+        t0 = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._build()
+        if resume and (self.dir / "last.pt").is_file():
+            self._load_last()
+        else:
+            if self.method == "momkd":
+                self._init_memory()
+        self.fit()
+        result = self.evaluate()
+        result["seconds"] = time.perf_counter() - t0
+        result["train_seconds"] = float(sum(r.get("seconds", 0.0) for r in self.state.history))
+        waits = [r.get("loader_wait_share", 0.0) for r in self.state.history]
+        result["loader_wait_share"] = float(np.mean(waits)) if waits else 0.0
+        write_json(self.dir / "result.json", result)
+        return result

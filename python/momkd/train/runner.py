@@ -1,0 +1,543 @@
+"""k-fold cross-validated training: ``momkd train`` and :func:`momkd.train`.
+
+:func:`train` resolves the run directory, saves the resolved ``config.yaml``, loads and validates
+the clinical table, the expression matrix and the store, makes (or reads) the patient-level splits,
+fits the genomics preprocessing inside each fold on that fold's training patients only, trains every
+fold with :class:`~momkd.train.loop.FoldTrainer`, evaluates the external cohort with every fold's
+model and the fold ensemble, and writes ``summary.json`` and ``summary.txt``.
+
+Run directory::
+
+    config.yaml            resolved configuration (absolute paths)
+    splits/splits_<k>.csv  train/val/test slide ids per fold (CLAM convention)
+    fold_<k>/              checkpoints, history, predictions, result.json (see momkd.train.loop)
+    external_predictions.csv   fold-ensemble probabilities on the external cohort (if configured)
+    summary.json, summary.txt
+
+``summary.json`` keys: ``method``, ``label_column``, ``folds`` (per-fold dicts with ``val``,
+``test`` and, with an external cohort, ``external`` metric dicts), ``mean`` and ``std`` (test
+metrics over folds, ddof 1), ``val_mean``, ``external`` (``folds``, ``mean``, ``std``,
+``ensemble``), ``data`` (slides, patients, class counts, excluded label values) and ``timing``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from momkd.config import RunConfig, config_to_dict, load_config, save_config
+from momkd.data.clinical import (
+    ClinicalTable,
+    Expression,
+    load_clinical,
+    load_expression,
+    require_cases,
+)
+from momkd.errors import ConfigError, DataError
+from momkd.metrics import aggregate, evaluate_with_threshold
+from momkd.train.genomics import preprocessor_from_config
+from momkd.train.splits import Split, make_splits, read_splits, resolve_splits, write_splits
+
+__all__ = ["format_summary", "train"]
+
+log = logging.getLogger(__name__)
+
+#: Keys that may differ between the saved and the current configuration when resuming.
+_RUNTIME_KEYS = {"output.dir", "train.device", "train.num_threads", "train.prefetch"}
+
+_PREVIEW = 5
+
+
+def _preview(items: Sequence[str]) -> str:
+    shown = ", ".join(f"'{s}'" for s in items[:_PREVIEW])
+    return shown + (f" and {len(items) - _PREVIEW} more" if len(items) > _PREVIEW else "")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------- run folder
+
+
+def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
+    if out_dir is not None:
+        run_dir = Path(out_dir)
+    elif cfg.output.dir is not None:
+        run_dir = Path(cfg.output.dir)
+    else:
+        raise ConfigError("output.dir: no run directory (set output.dir or pass --out)")
+    run_dir = run_dir.expanduser().absolute()
+    saved = run_dir / "config.yaml"
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    if resume and fresh:
+        log.info("%s: nothing to resume yet, starting a new run", run_dir)
+    elif resume:
+        if not saved.is_file():
+            raise ConfigError(f"{run_dir}: not a momkd run directory (no config.yaml) to resume")
+        old = load_config(saved)
+        a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(cfg))
+        diff = sorted(k for k in set(a) | set(b) if k not in _RUNTIME_KEYS and a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(
+                f"{saved}: the configuration differs from the run being resumed in "
+                f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}"
+            )
+    elif not fresh:
+        raise ConfigError(
+            f"{run_dir}: run directory exists and is not empty; pass --resume to continue it "
+            "or choose another --out"
+        )
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------- the inputs
+
+
+def _check_in_store(table: ClinicalTable, store: Any, store_path: Path) -> None:
+    missing = [s for s in table.slide_ids if s not in store]
+    if missing:
+        raise DataError(
+            f"{table.path}: slide {_preview(missing)} not in store {store_path} "
+            f"({len(missing)} of {len(table)} labelled slides missing)"
+        )
+
+
+def _load_inputs(
+    cfg: RunConfig,
+) -> tuple[Any, ClinicalTable, Expression | None, dict[str, Any]]:
+    from momkd.data.store import CohortStore
+
+    cfg.require_inputs()
+    d = cfg.data
+    assert d.store is not None and d.clinical is not None
+    store = CohortStore.open(d.store)
+    table = load_clinical(
+        d.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+    )
+    _check_in_store(table, store, d.store)
+    expression = None
+    skipped: list[str] = []
+    n_before = len(table)
+    if cfg.model.method in ("momkd", "batchkd"):
+        assert d.expression is not None
+        expression = load_expression(
+            d.expression,
+            d.expression_orientation,
+            case_ids=list(dict.fromkeys(table.case_ids)),
+            is_log=d.expression_is_log,
+        )
+        table, skipped = require_cases(table, expression, skip_missing=d.skip_missing)
+    labels = table.labels
+    report = {
+        "store": str(d.store),
+        "clinical": str(d.clinical),
+        "label_column": d.label_column,
+        "slides": len(table),
+        "patients": len(set(table.case_ids)),
+        "positive": int(labels.sum()),
+        "negative": int(len(labels) - labels.sum()),
+        "excluded": dict(table.excluded),
+        "n_excluded": int(sum(table.excluded.values())),
+        "skipped_no_expression": {"patients": len(skipped), "slides": n_before - len(table)},
+        "store_slides": len(store),
+        "feature_dim": int(store.feature_dim),
+    }
+    if expression is not None:
+        report["genes_available"] = len(expression.gene_names)
+    log.info(
+        "data: %d slides of %d patients (%d positive), %d excluded labels %s",
+        report["slides"],
+        report["patients"],
+        report["positive"],
+        report["n_excluded"],
+        report["excluded"],
+    )
+    return store, table, expression, report
+
+
+def _load_external(
+    cfg: RunConfig,
+) -> tuple[Any, list[str], dict[str, int] | None, dict[str, str], dict[str, Any]] | None:
+    ext = cfg.data.external
+    if ext is None:
+        return None
+    from momkd.data.store import CohortStore
+
+    store = CohortStore.open(ext.store)
+    d = cfg.data
+    if ext.clinical is None:
+        ids = list(store.slide_ids)
+        return store, ids, None, {}, {"store": str(ext.store), "slides": len(ids)}
+    table = load_clinical(
+        ext.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+    )
+    _check_in_store(table, store, ext.store)
+    report = {
+        "store": str(ext.store),
+        "clinical": str(ext.clinical),
+        "slides": len(table),
+        "patients": len(set(table.case_ids)),
+        "positive": int(table.labels.sum()),
+        "excluded": dict(table.excluded),
+    }
+    return store, list(table.slide_ids), table.label_of(), table.case_of(), report
+
+
+def _splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool) -> list[Split]:
+    split_dir = run_dir / "splits"
+    ignore = list(table.dropped)
+    if resume and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
+        raw, source = read_splits(split_dir), split_dir
+    elif cfg.splits.dir is not None:
+        raw, source = read_splits(cfg.splits.dir), cfg.splits.dir
+    else:
+        splits = make_splits(
+            table.case_ids,
+            table.labels,
+            k=cfg.splits.k,
+            val_fraction=cfg.splits.val_fraction,
+            seed=cfg.splits.seed,
+            slide_ids=table.slide_ids,
+        )
+        write_splits(splits, split_dir)
+        return splits
+    splits = resolve_splits(raw, table.slide_ids, table.case_ids, ignore=ignore, source=source)
+    if source != split_dir:
+        write_splits(splits, split_dir)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: RunConfig | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    *,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Cross-validated training of the configured method; returns the run summary.
+
+    Parameters
+    ----------
+    cfg : RunConfig or path
+        Resolved configuration (or a YAML file for :func:`momkd.config.load_config`).
+    out_dir : path, optional
+        Run directory (default ``cfg.output.dir``).
+    resume : bool
+        Continue an interrupted run in ``out_dir``: finished folds are skipped, an unfinished fold
+        continues from its ``last.pt``.
+    progress : bool, optional
+        Force progress bars on or off (default: ``train.progress`` if set, else only on a terminal).
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json`` (see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        Missing inputs, a non-empty run directory without ``resume``, a changed configuration on
+        resume.
+    DataError
+        Labelled slides missing from the store, patients without expression, bad labels or splits.
+    """
+    import torch
+
+    from momkd.train.loop import progress_enabled, read_json, select_device, write_csv, write_json
+
+    if not isinstance(cfg, RunConfig):
+        cfg = load_config(cfg)
+    t_start = time.perf_counter()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    run_dir = _resolve_run_dir(cfg, out_dir, resume)
+    show = progress_enabled(cfg) if progress is None else progress
+    device = select_device(cfg.train.device)
+    store, table, expression, data_report = _load_inputs(cfg)
+    external = _load_external(cfg)
+    if external is not None:
+        data_report["external"] = external[4]
+    # The run directory is created only once the inputs are known to be valid.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        summary = _run_folds(
+            cfg, run_dir, resume, store, table, expression, external, data_report, device, show
+        )
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+    summary["timing"] = {
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - t_start,
+        "fold_seconds": summary.pop("fold_seconds"),
+        "device": str(device),
+    }
+    if external is not None and "ensemble_rows" in summary:
+        write_csv(
+            run_dir / "external_predictions.csv",
+            summary.pop("ensemble_header"),
+            summary.pop("ensemble_rows"),
+        )
+    write_json(run_dir / "summary.json", summary)
+    summary = read_json(run_dir / "summary.json")
+    (run_dir / "summary.txt").write_text(format_summary(summary) + "\n", encoding="utf-8")
+    return summary  # type: ignore[no-any-return]
+
+
+def _run_folds(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    store: Any,
+    table: ClinicalTable,
+    expression: Expression | None,
+    external: Any,
+    data_report: dict[str, Any],
+    device: Any,
+    show: bool,
+) -> dict[str, Any]:
+    from momkd.train.loop import FoldData, FoldTrainer, read_json, uses_expression
+
+    splits = _splits(cfg, run_dir, table, resume)
+    folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
+    bad = [f for f in folds if not 0 <= f < len(splits)]
+    if bad:
+        raise ConfigError(f"train.folds: {bad} out of range for {len(splits)} splits")
+
+    label_of = table.label_of()
+    case_of = table.case_of()
+    results: list[dict[str, Any]] = []
+    fold_seconds: list[float] = []
+    for fold in folds:
+        fold_dir = run_dir / f"fold_{fold}"
+        done = fold_dir / "result.json"
+        if resume and done.is_file():
+            log.info("fold %d: already finished, skipped", fold)
+            results.append(read_json(done))
+            fold_seconds.append(float(results[-1].get("seconds", 0.0)))
+            continue
+        split = splits[fold]
+        expr_map, genomics_state = None, None
+        if uses_expression(cfg.model.method):
+            assert expression is not None
+            expr_map, genomics_state = _fold_genomics(cfg, split, expression, label_of, case_of)
+        data = FoldData(
+            fold=fold,
+            train=list(split.train),
+            val=list(split.val),
+            test=list(split.test),
+            labels=label_of,
+            cases=case_of,
+            expression=expr_map,
+            genomics_state=genomics_state,
+            external=external[:4] if external is not None else None,
+        )
+        trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show)
+        result = trainer.run(resume=resume)
+        results.append(read_json(done))
+        fold_seconds.append(float(result["seconds"]))
+
+    summary = _summarise(cfg, run_dir, results, data_report, external, folds)
+    summary["fold_seconds"] = fold_seconds
+    return summary
+
+
+def _fold_genomics(
+    cfg: RunConfig,
+    split: Split,
+    expression: Expression,
+    label_of: Mapping[str, int],
+    case_of: Mapping[str, str],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fit the preprocessing on the fold's training patients; transform those patients."""
+    cases: dict[str, int] = {}
+    for s in split.train:
+        cases.setdefault(case_of[s], label_of[s])
+    train_cases = list(cases)
+    x = expression.rows(train_cases)
+    y = np.array([cases[c] for c in train_cases], dtype=np.int64)
+    pre = preprocessor_from_config(cfg)
+    z = pre.fit(x, y, expression.gene_names).transform(x)
+    return {c: z[i] for i, c in enumerate(train_cases)}, pre.state_dict()
+
+
+def _nan_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (math.nan if v is None else v) for k, v in d.items()}
+
+
+def _summarise(
+    cfg: RunConfig,
+    run_dir: Path,
+    results: list[dict[str, Any]],
+    data_report: dict[str, Any],
+    external: Any,
+    folds: list[int],
+) -> dict[str, Any]:
+    from momkd.train.loop import read_csv_predictions
+
+    tests = [_nan_metrics(r["test"]) for r in results]
+    vals = [_nan_metrics(r.get("val") or {}) for r in results]
+    mean, std = aggregate(tests)
+    val_mean, val_std = aggregate(vals) if all(vals) else ({}, {})
+    summary: dict[str, Any] = {
+        "method": cfg.model.method,
+        "run_dir": str(run_dir),
+        "label_column": cfg.data.label_column,
+        "folds": results,
+        "mean": mean,
+        "std": std,
+        "val_mean": val_mean,
+        "val_std": val_std,
+        "data": data_report,
+    }
+    if external is not None:
+        _, ext_ids, ext_labels, ext_cases, _ = external
+        per_fold = [_nan_metrics(r["external"]) for r in results if "external" in r]
+        probs = []
+        for fold in folds:
+            rows = read_csv_predictions(run_dir / f"fold_{fold}" / "external_predictions.csv")
+            probs.append([rows[s] for s in ext_ids])
+        p = np.mean(np.asarray(probs, dtype=np.float64), axis=0)
+        thr = float(np.mean([r.get("threshold", 0.5) for r in results]))
+        ext_summary: dict[str, Any] = {"folds": per_fold}
+        if per_fold:
+            ext_summary["mean"], ext_summary["std"] = aggregate(per_fold)
+        if ext_labels is not None:
+            y = np.array([ext_labels[s] for s in ext_ids])
+            ext_summary["ensemble"] = evaluate_with_threshold(y, p, thr)
+        summary["external"] = ext_summary
+        header = ["slide_id", "case_id", "label"] + [f"prob_fold{f}" for f in folds]
+        header += ["prob", "pred"]
+        rows_out = []
+        for i, s in enumerate(ext_ids):
+            rows_out.append(
+                [s, ext_cases.get(s, ""), "" if ext_labels is None else ext_labels[s]]
+                + [float(pf[i]) for pf in probs]
+                + [float(p[i]), int(p[i] > 0.5)]
+            )
+        summary["ensemble_header"] = header
+        summary["ensemble_rows"] = rows_out
+    return summary
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pm(mean: Mapping[str, Any], std: Mapping[str, Any], key: str) -> str:
+    return f"{_fmt(mean.get(key))} ± {_fmt(std.get(key))}"
+
+
+_COLS = ("auc", "auprc", "balanced_accuracy", "f1", "thr_balanced_accuracy", "thr_f1")
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A human-readable report of a run summary (the content of ``summary.txt``).
+
+    Parameters
+    ----------
+    summary : mapping
+        As returned by :func:`train` / stored in ``summary.json``.
+
+    Returns
+    -------
+    str
+        Multi-line text: data, per-fold validation/test metrics, mean ± std, external cohort.
+    """
+    lines = []
+    method = summary.get("method", "?")
+    lines.append(f"momkd run: method {method}, label {summary.get('label_column', '?')}")
+    if summary.get("run_dir"):
+        lines.append(f"run directory: {summary['run_dir']}")
+    data = summary.get("data") or {}
+    if data:
+        excl = data.get("excluded") or {}
+        excl_s = ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items()) or "none"
+        lines.append(
+            f"data: {data.get('slides')} slides, {data.get('patients')} patients "
+            f"({data.get('positive')} positive / {data.get('negative')} negative slides); "
+            f"excluded labels: {excl_s}"
+        )
+        skipped = data.get("skipped_no_expression") or {}
+        if skipped.get("slides"):
+            lines.append(
+                f"skipped without expression: {skipped['slides']} slides of "
+                f"{skipped['patients']} patients"
+            )
+    head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
+        f"{c:>9}" if len(c) <= 9 else f"{c[:9]:>9}" for c in _COLS
+    )
+    lines.append("")
+    lines.append("test metrics per fold (thr_*: at the F1 threshold chosen on validation)")
+    lines.append(head)
+    for r in summary.get("folds", []):
+        test = r.get("test", {})
+        lines.append(
+            f"{r.get('fold', '?'):>4} {r.get('epochs', '?'):>6} {r.get('best_epoch', '?'):>4} "
+            f"{_fmt((r.get('val') or {}).get('auc')):>7} {_fmt(r.get('threshold'), 2):>5} "
+            + " ".join(f"{_fmt(test.get(c)):>9}" for c in _COLS)
+        )
+    mean, std = summary.get("mean") or {}, summary.get("std") or {}
+    lines.append("")
+    lines.append(
+        "mean ± std (ddof 1): "
+        + ", ".join(f"{c} {_pm(mean, std, c)}" for c in ("auc", "auprc", "balanced_accuracy", "f1"))
+    )
+    ext = summary.get("external")
+    if ext:
+        lines.append("")
+        lines.append("external cohort:")
+        for i, m in enumerate(ext.get("folds", [])):
+            lines.append(
+                f"  fold model {i}: auc {_fmt(m.get('auc'))}, auprc {_fmt(m.get('auprc'))}, "
+                f"balanced_accuracy {_fmt(m.get('balanced_accuracy'))}"
+            )
+        if ext.get("mean"):
+            lines.append(f"  mean ± std: auc {_pm(ext['mean'], ext.get('std') or {}, 'auc')}")
+        ens = ext.get("ensemble")
+        if ens:
+            lines.append(
+                f"  fold ensemble: auc {_fmt(ens.get('auc'))}, auprc {_fmt(ens.get('auprc'))}, "
+                f"balanced_accuracy {_fmt(ens.get('balanced_accuracy'))}"
+            )
+    timing = summary.get("timing") or {}
+    if timing:
+        lines.append("")
+        lines.append(f"time: {_fmt(timing.get('seconds'), 1)} s on {timing.get('device', '?')}")
+    return "\n".join(lines)
