@@ -25,7 +25,7 @@ pub const FORMAT_NAME: &str = "momkd-cohort";
 pub const FORMAT_VERSION: i64 = 1;
 
 /// Codecs allowed by format version 1.
-const ALLOWED_CODECS: [&str; 3] = ["bytes", "zstd", "gzip"];
+const ALLOWED_CODECS: [&str; 5] = ["bytes", "zstd", "blosc", "gzip", "crc32c"];
 
 /// On-disk data type of `features`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,12 +215,12 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
         };
         if !ALLOWED_CODECS.contains(&cname) {
             return Err(bad(format!(
-                "codec '{cname}' is not supported by format version 1 (allowed: bytes, zstd, gzip)"
+                "codec '{cname}' is not supported by format version 1 (allowed: bytes, zstd, blosc, gzip, crc32c)"
             )));
         }
         if (pos == 0) != (cname == "bytes") {
             return Err(bad(
-                "codecs must be 'bytes' followed by at most zstd/gzip compressors".into(),
+                "codecs must be 'bytes' followed by zstd, blosc, gzip or crc32c".into(),
             ));
         }
     }

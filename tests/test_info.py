@@ -42,8 +42,12 @@ def test_describe_valid_store(store):
     assert d["feature_dim"] == D and d["dtype"] == "float16" and d["chunk_rows"] == 64
     feats = d["arrays"]["features"]
     assert feats["shape"] == [sum(SIZES), D] and feats["chunks"] == [64, D]
+    assert feats["codecs"][0] == "bytes"
+    assert feats["codecs"][1].startswith("blosc") and "cname=lz4" in feats["codecs"][1]
+    assert feats["codecs"][2] == "crc32c"
     assert any(
-        c.startswith("zstd") and "level=3" in c and "checksum=True" in c for c in feats["codecs"]
+        c.startswith("zstd") and "level=3" in c and "checksum=True" in c
+        for c in d["arrays"]["coords"]["codecs"]
     )
     assert d["arrays"]["coords"]["dtype"] == "int32"
     assert d["bytes_on_disk"] == disk_bytes(store)

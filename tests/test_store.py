@@ -13,7 +13,7 @@ import zarr
 import zarr.storage._local as zarr_local
 from momkd.data.store import CohortStore, StoreWriter, default_chunk_rows, read_header
 from momkd.errors import DataError, SlideNotFoundError, StoreError
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 SIZES = [1, 150, 700, 1, 64, 33, 129]
 D = 12
@@ -48,9 +48,10 @@ def write_with_zarr_python(path: Path, bags, dtype: str = "float16", chunk: int 
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     zstd = ZstdCodec(level=3, checksum=True)
+    lz4 = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2), Crc32cCodec()]
     every = {"write_empty_chunks": True}
     root.create_array(
-        "features", data=feats, chunks=(chunk, feats.shape[1]), compressors=zstd, config=every
+        "features", data=feats, chunks=(chunk, feats.shape[1]), compressors=lz4, config=every
     )
     root.create_array("coords", data=coords, chunks=(chunk, 2), compressors=zstd, config=every)
     root.create_array(
@@ -102,7 +103,11 @@ def test_writer_then_zarr_python_reads_identical(tmp_path, dtype, chunk_rows):
     assert feats.dtype == np.dtype(dtype) and coords.dtype == np.int32 and off.dtype == np.int64
     assert feats.chunks == (chunk_rows, D) and coords.chunks == (chunk_rows, 2)
     np.testing.assert_array_equal(off[:], np.concatenate([[0], np.cumsum(SIZES)]))
-    for codec in (feats.compressors[0], coords.compressors[0], off.compressors[0]):
+    blosc, crc = feats.compressors
+    assert isinstance(blosc, BloscCodec) and blosc.cname.value == "lz4"
+    assert blosc.shuffle.value == "shuffle" and blosc.typesize == np.dtype(dtype).itemsize
+    assert isinstance(crc, Crc32cCodec)
+    for codec in (coords.compressors[0], off.compressors[0]):
         assert isinstance(codec, ZstdCodec) and codec.level == 3 and codec.checksum is True
     o = off[:]
     for i, sid in enumerate(ids):
@@ -567,3 +572,28 @@ def test_not_a_store(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StoreError):
         CohortStore.open(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_both_feature_codecs_round_trip(tmp_path, codec):
+    rng = np.random.default_rng(3)
+    bags = {
+        f"s{i}": (rng.normal(size=(n, 24)).astype(np.float32), rng.integers(0, 9999, (n, 2)))
+        for i, n in enumerate([70, 1, 200])
+    }
+    path = write_store(tmp_path / "c.zarr", bags, chunk_rows=64, codec=codec)
+    names = [c["name"] for c in json.loads((path / "features" / "zarr.json").read_text())["codecs"]]
+    assert names == (["bytes", "blosc", "crc32c"] if codec == "lz4" else ["bytes", "zstd"])
+    store = CohortStore.open(path)
+    root = zarr.open_group(str(path), mode="r")
+    off = root["offsets"][:]
+    for i, (sid, (f, c)) in enumerate(bags.items()):
+        got = store.read(sid)
+        np.testing.assert_array_equal(got.features, f.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(got.coords, c)
+        np.testing.assert_array_equal(root["features"][off[i] : off[i + 1]], f.astype(np.float16))
+
+
+def test_unknown_codec_is_refused(tmp_path):
+    with pytest.raises(DataError, match="codec"):
+        StoreWriter(tmp_path / "c.zarr", 8, codec="brotli")

@@ -87,6 +87,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         chunk_rows=args.chunk_rows,
+        codec=args.codec,
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--threads", type=_positive_int, default=None, help="reader threads")
     p.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per chunk")
+    p.add_argument(
+        "--codec",
+        choices=["lz4", "zstd"],
+        default="lz4",
+        help="feature compression: blosc-lz4+shuffle+crc32c (fast, default) or zstd+checksum",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable files")
     p.add_argument("--overwrite", action="store_true", help="replace a complete store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

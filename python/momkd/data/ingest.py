@@ -352,6 +352,7 @@ def ingest(
     dtype: str = "float16",
     threads: int | None = None,
     chunk_rows: int | None = None,
+    codec: str = "lz4",
     skip_bad: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -374,6 +375,8 @@ def ingest(
         Reader threads (default ``min(8, os.cpu_count())``).
     chunk_rows : int, optional
         Rows per chunk (default about 1.5 MiB per feature chunk; a resumed store keeps its own).
+    codec : {"lz4", "zstd"}
+        Feature compression (see :class:`~momkd.data.store.StoreWriter`).
     skip_bad : bool
         Log and count a bad file and go on, instead of stopping at it.
     overwrite : bool
@@ -430,7 +433,7 @@ def ingest(
         "n_sources": len(sources),
     }
 
-    writer = _open_existing(out_path, meta, dtype, chunk_rows, overwrite)
+    writer = _open_existing(out_path, meta, dtype, chunk_rows, overwrite, codec)
     fresh_overwrite = overwrite or (out_path.exists() and writer is None)
     resumed = writer.resumed_slides if writer is not None else 0
     todo = sources
@@ -482,6 +485,7 @@ def ingest(
                     feats.shape[1],
                     dtype=dtype,
                     chunk_rows=chunk_rows,
+                    codec=codec,
                     attrs=header_attrs,
                     overwrite=fresh_overwrite,
                     ingest_meta={**meta, "skipped": skipped_before + skipped},
@@ -559,7 +563,12 @@ def ingest(
 
 
 def _open_existing(
-    out: Path, meta: Mapping[str, Any], dtype: str, chunk_rows: int | None, overwrite: bool
+    out: Path,
+    meta: Mapping[str, Any],
+    dtype: str,
+    chunk_rows: int | None,
+    overwrite: bool,
+    codec: str = "lz4",
 ) -> StoreWriter | None:
     """Resume ``out`` if it is an interrupted ingest of the same sources; None to start afresh."""
     if not (out.exists() or out.is_symlink()):
@@ -588,6 +597,11 @@ def _open_existing(
         )
     if state.get("dtype") != dtype:
         raise IngestError(f"output {out}: the interrupted ingest used dtype {state.get('dtype')!r}")
+    if state.get("codec", "zstd") != codec:
+        raise IngestError(
+            f"output {out}: the interrupted ingest used codec {state.get('codec', 'zstd')!r}, "
+            f"not {codec!r}"
+        )
     if chunk_rows is not None and state.get("chunk_rows") != chunk_rows:
         raise IngestError(
             f"output {out}: the interrupted ingest used chunk_rows {state.get('chunk_rows')!r}, "
