@@ -5,6 +5,7 @@ histology only. The public API:
 
 * :class:`CohortStore`, :class:`StoreWriter` — the Zarr v3 cohort store (``docs/FORMAT.md``);
 * :class:`BagLoader` — the multithreaded Rust bag loader (features, coordinates, k-NN graph);
+* :func:`momkd.train.train` — k-fold training from a run configuration, returning the summary;
 * :mod:`momkd.errors` — the exception hierarchy.
 """
 
@@ -16,14 +17,13 @@ from typing import Any
 from momkd import errors
 from momkd._core import __version__
 
-__all__ = ["Bag", "BagLoader", "CohortStore", "StoreWriter", "__version__", "errors", "train"]
+__all__ = ["Bag", "BagLoader", "CohortStore", "StoreWriter", "__version__", "errors"]
 
 _LAZY = {
     "Bag": ("momkd.data.loader", "Bag"),
     "BagLoader": ("momkd.data.loader", "BagLoader"),
     "CohortStore": ("momkd.data.store", "CohortStore"),
     "StoreWriter": ("momkd.data.store", "StoreWriter"),
-    "train": ("momkd.train.runner", "train"),
 }
 
 

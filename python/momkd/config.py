@@ -217,6 +217,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of model initialisation, sampling and memory initialisation")
     deterministic: bool = _f(False, "deterministic algorithms (slower; exact resume)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    kernels: Literal["auto", "triton", "eager"] = _f(
+        "auto", "memory kernels: auto (Triton on CUDA), triton (CPU: TRITON_INTERPRET=1) or eager"
+    )
     num_threads: int | None = _f(None, "loader threads (null: automatic)")
     prefetch: int = _f(4, "bags prefetched ahead of the model")
     max_patches: int | None = _f(

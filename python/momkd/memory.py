@@ -237,6 +237,11 @@ class ClassMemory(nn.Module):
         age by one step, the others reset; components aged ``dead_after`` are re-seeded from the
         most recent ring entries (the j-th dead component of a class gets the j-th most recent).
 
+        Without ``reduce_fn``, when the kernel mode selects the fused kernels (see
+        :mod:`momkd.kernels`), the whole step runs as one launch of
+        :func:`momkd.kernels.align_momentum.momentum_step`; otherwise as separate statistics,
+        apply and bookkeeping steps (the statistics and apply ops dispatch on their own).
+
         Parameters
         ----------
         emb : Tensor
@@ -259,8 +264,23 @@ class ClassMemory(nn.Module):
             )
         if bool(((labels != 0) & (labels != 1)).any()):
             raise DataError("momentum_update: labels must be 0 or 1")
+        emb = emb.detach().to(self.pos.device)
+        step = kernels.fused_impl("momentum_step", self.pos, emb) if reduce_fn is None else None
+        if step is not None:  # the whole update, bookkeeping included, in one kernel launch
+            step(
+                self.pos,
+                self.neg,
+                self.unused_steps,
+                self.recent,
+                self.recent_count,
+                emb,
+                labels,
+                self.momentum,
+                self.dead_after,
+            )
+            return
         with fp32(self.pos):
-            e = F.normalize(emb.detach().to(self.pos.device).float(), dim=1)
+            e = F.normalize(emb.float(), dim=1)
             mems = torch.stack([self.neg, self.pos]).float()  # (2, K, S), index = label
             sums, counts = kernels.momentum_stats(F.normalize(mems, dim=-1), e, labels)
             if reduce_fn is not None:

@@ -1,42 +1,59 @@
 """Memory kernels: dispatch between fused Triton kernels and the eager PyTorch reference.
 
-The model calls the functions of this module only. Each picks, per call:
+The model calls the functions of this module only. The kernel mode (``train.kernels``, set with
+:func:`set_kernel_mode` or the :func:`kernel_mode` context) decides, per call:
 
-* the eager reference (:mod:`momkd.kernels.reference`) when ``MOMKD_FORCE_EAGER=1``, when any input
-  is not on a CUDA device, or when no fused implementation can be loaded;
-* otherwise the fused Triton implementation of the op.
+* ``eager``: always the eager reference (:mod:`momkd.kernels.reference`);
+* ``auto`` (default): the fused Triton implementation when every input is on a CUDA device and the
+  implementation loads (Triton imports), else the eager reference;
+* ``triton``: always the fused implementation; CUDA inputs run compiled, CPU inputs run in Triton's
+  interpreter, which must have been switched on with ``TRITON_INTERPRET=1`` before Triton was first
+  imported. Anything else raises :class:`~momkd.errors.ConfigError`.
+
+``MOMKD_FORCE_EAGER=1`` in the environment selects the eager reference in every mode.
 
 Fused implementations plug in by name: ``_FUSED_SOURCES`` maps an op to ``(module, attribute)`` and
-the module is imported lazily on first CUDA use; :func:`register_fused` installs one explicitly. A fused
+the module is imported lazily on first use; :func:`register_fused` installs one explicitly. A fused
 function must have the reference's signature and return the same values (up to per-dtype
-tolerances) and gradients. A fallback on CUDA tensors is logged once per op.
+tolerances) and gradients. A fallback to the reference on CUDA tensors is logged once per op and
+reason. :func:`fused_impl` exposes the choice for ops without a reference of the same signature
+(``momentum_step``, used by :meth:`momkd.memory.ClassMemory.momentum_update`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from momkd.errors import ConfigError
 from momkd.kernels import reference
 from momkd.kernels.reference import segment_ids
 
 __all__ = [
+    "KERNEL_MODES",
     "align_loss",
     "batched_commitment_loss",
+    "check_kernel_mode",
     "force_eager",
     "fused_available",
+    "fused_impl",
+    "get_kernel_mode",
+    "kernel_mode",
     "memory_attention_pool",
     "momentum_apply",
     "momentum_stats",
     "reference",
     "register_fused",
     "segment_ids",
+    "set_kernel_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,9 +72,15 @@ _FUSED_SOURCES: dict[str, tuple[str, str]] = {
     "batched_commitment_loss": ("momkd.kernels.memory_attention", "batched_commitment_loss"),
     "momentum_stats": ("momkd.kernels.align_momentum", "momentum_stats"),
     "momentum_apply": ("momkd.kernels.align_momentum", "momentum_apply"),
+    "momentum_step": ("momkd.kernels.align_momentum", "momentum_step"),
 }
 
+#: Modes of ``train.kernels``.
+KERNEL_MODES = ("auto", "triton", "eager")
+
 _REGISTERED: dict[str, Callable[..., Any]] = {}
+_MODE = "auto"
+_LOGGED: set[tuple[str, str]] = set()
 
 
 def force_eager() -> bool:
@@ -67,8 +90,8 @@ def force_eager() -> bool:
 
 def register_fused(op: str, fn: Callable[..., Any]) -> None:
     """Install ``fn`` as the fused implementation of ``op`` (one of the dispatch function names)."""
-    if op not in _REFERENCE:
-        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_REFERENCE)}")
+    if op not in _FUSED_SOURCES:
+        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_FUSED_SOURCES)}")
     _REGISTERED[op] = fn
     _load_fused.cache_clear()
 
@@ -81,21 +104,142 @@ def _load_fused(op: str) -> Callable[..., Any] | None:
     try:
         importlib.import_module("triton")
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, OSError, RuntimeError) as exc:
         logger.info("fused kernel %r unavailable (%s); using the eager reference", op, exc)
         return None
     return fn  # type: ignore[no-any-return]
 
 
 def fused_available(op: str) -> bool:
-    """Whether a fused implementation of ``op`` can be loaded (ignores ``MOMKD_FORCE_EAGER``)."""
+    """Whether a fused implementation of ``op`` can be loaded (ignores the kernel mode)."""
     return _load_fused(op) is not None
 
 
-def _pick(op: str, *tensors: Tensor) -> Callable[..., Any]:
-    if force_eager() or not all(t.is_cuda for t in tensors):
-        return _REFERENCE[op]
+def _log_once(op: str, reason: str) -> None:
+    if (op, reason) not in _LOGGED:
+        _LOGGED.add((op, reason))
+        logger.warning("kernel %r: %s; using the eager reference", op, reason)
+
+
+def _interpreter_active() -> bool:
+    """Whether the Triton interpreter is on and the package's kernels were decorated under it."""
+    from momkd.kernels._triton_utils import interpreting
+
+    if not interpreting():
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from momkd.kernels import memory_attention
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        return False
+    return isinstance(memory_attention._memory_attention_fwd_kernel, InterpretedFunction)
+
+
+def _require_triton(device: torch.device) -> None:
+    """Raise :class:`ConfigError` unless the fused kernels can run on ``device``."""
+    if not fused_available("memory_attention_pool"):
+        raise ConfigError("train.kernels: 'triton' requested but Triton cannot be imported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.kernels: 'triton' requested on {device} but CUDA is unavailable"
+            )
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"train.kernels: 'triton' supports CUDA and CPU tensors, not {device}")
+    if not _interpreter_active():
+        raise ConfigError(
+            "train.kernels: 'triton' on CPU needs the Triton interpreter; set TRITON_INTERPRET=1 "
+            "before starting Python"
+        )
+
+
+def get_kernel_mode() -> str:
+    """The current kernel mode, one of :data:`KERNEL_MODES`."""
+    return _MODE
+
+
+def check_kernel_mode(mode: str, device: torch.device | str | None = None) -> None:
+    """Check that ``mode`` is a kernel mode that can run on ``device``.
+
+    Parameters
+    ----------
+    mode : str
+        ``auto``, ``triton`` or ``eager`` (see the module docstring).
+    device : torch.device or str, optional
+        Device the run will use; with ``triton`` it is checked that the fused kernels can run there.
+
+    Raises
+    ------
+    ConfigError
+        An unknown mode, or ``triton`` where the kernels cannot run (no Triton, no CUDA, or CPU
+        without ``TRITON_INTERPRET=1``).
+    """
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"train.kernels must be one of {list(KERNEL_MODES)}, got {mode!r}")
+    if mode == "triton" and device is not None:
+        _require_triton(torch.device(device))
+
+
+def set_kernel_mode(mode: str, device: torch.device | str | None = None) -> str:
+    """Select the kernel path for all following calls (checked with :func:`check_kernel_mode`);
+    returns the previous mode."""
+    global _MODE
+    check_kernel_mode(mode, device)
+    previous, _MODE = _MODE, mode
+    if mode == "triton" and force_eager():
+        logger.warning("MOMKD_FORCE_EAGER=1 overrides train.kernels=triton")
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str, device: torch.device | str | None = None) -> Iterator[None]:
+    """Context manager form of :func:`set_kernel_mode`; the previous mode is restored on exit."""
+    previous = set_kernel_mode(mode, device)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
+
+
+def fused_impl(op: str, *tensors: Tensor) -> Callable[..., Any] | None:
+    """The fused implementation of ``op`` the kernel mode selects for ``tensors``, or ``None``
+    when the eager reference applies.
+
+    Raises
+    ------
+    ConfigError
+        In ``triton`` mode, when the fused kernel cannot run on the tensors' device.
+    """
+    if _MODE == "eager" or force_eager():
+        return None
+    on_cuda = all(t.is_cuda for t in tensors)
+    if _MODE == "auto":
+        if not on_cuda:
+            return None
+        fn = _load_fused(op)
+        if fn is None:
+            _log_once(op, "no fused implementation could be loaded")
+        return fn
+    if not on_cuda:
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise ConfigError(
+                f"train.kernels: 'triton' needs all inputs of {op!r} on one device, got "
+                f"{sorted(map(str, devices))}"
+            )
+        _require_triton(next(iter(devices)))
     fn = _load_fused(op)
+    if fn is None:
+        raise ConfigError(
+            f"train.kernels: 'triton' requested but the fused {op!r} cannot be loaded"
+        )
+    return fn
+
+
+def _pick(op: str, *tensors: Tensor) -> Callable[..., Any]:
+    fn = fused_impl(op, *tensors)
     return fn if fn is not None else _REFERENCE[op]
 
 

@@ -51,7 +51,13 @@ __all__ = ["format_summary", "train"]
 log = logging.getLogger(__name__)
 
 #: Keys that may differ between the saved and the current configuration when resuming.
-_RUNTIME_KEYS = {"output.dir", "train.device", "train.num_threads", "train.prefetch"}
+_RUNTIME_KEYS = {
+    "output.dir",
+    "train.device",
+    "train.kernels",
+    "train.num_threads",
+    "train.prefetch",
+}
 
 _PREVIEW = 5
 
@@ -262,6 +268,7 @@ def train(
     """
     import torch
 
+    from momkd import kernels
     from momkd.train.loop import progress_enabled, read_json, select_device, write_csv, write_json
 
     if not isinstance(cfg, RunConfig):
@@ -271,6 +278,7 @@ def train(
     run_dir = _resolve_run_dir(cfg, out_dir, resume)
     show = progress_enabled(cfg) if progress is None else progress
     device = select_device(cfg.train.device)
+    kernels.check_kernel_mode(cfg.train.kernels, device)
     store, table, expression, data_report = _load_inputs(cfg)
     external = _load_external(cfg)
     if external is not None:
@@ -288,9 +296,10 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     try:
-        summary = _run_folds(
-            cfg, run_dir, resume, store, table, expression, external, data_report, device, show
-        )
+        with kernels.kernel_mode(cfg.train.kernels, device):
+            summary = _run_folds(
+                cfg, run_dir, resume, store, table, expression, external, data_report, device, show
+            )
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
