@@ -125,7 +125,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from momkd.train.runner import format_summary
 
     print(format_summary(summary))
+    _write_report(summary.get("run_dir") or args.out or cfg.output.dir)
     return 0
+
+
+def _write_report(run_dir: object) -> None:
+    """Write RUN_DIR/report.html; a failure here is logged, never fatal for the finished run."""
+    if run_dir is None:
+        return
+    from momkd.report import write_report
+
+    try:
+        path = write_report(Path(str(run_dir)))
+    except Exception as exc:  # noqa: BLE001 - the run's results are already on disk
+        log.warning("could not write the run report: %s", _one_line(exc))
+    else:
+        print(f"report: {path}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -139,6 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         label_column=args.label_column,
     )
     print(format_eval(result))
+    _write_report(args.run_dir)
     return 0
 
 

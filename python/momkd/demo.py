@@ -188,6 +188,7 @@ def run_demo(
     from momkd.config import load_config, preset_yaml
     from momkd.data.ingest import ingest
     from momkd.synth import generate_cohort
+    from momkd.report import write_report
     from momkd.train.loop import write_json
     from momkd.train.runner import train
 
@@ -259,6 +260,7 @@ def run_demo(
             "external_ensemble_auc": (ext.get("ensemble") or {}).get("auc"),
             "seconds": seconds,
             "run_dir": str(out_dir / "runs" / method),
+            "report": str(write_report(out_dir / "runs" / method)),
         }
         say(
             f"  {method}: test AUC {results[method]['test_auc']}, external AUC "
@@ -283,6 +285,8 @@ def run_demo(
     for line in text.splitlines():
         say(line)
     say(f"total {report['seconds']:.1f} s; runs in {out_dir / 'runs'}")
+    for method, r in results.items():
+        say(f"run report ({method}): {r['report']}")
     write_json(out_dir / "demo_report.json", report)
     (out_dir / "demo_report.txt").write_text(text + "\n", encoding="utf-8")
     return report

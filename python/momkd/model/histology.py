@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GATv2Conv
+
+with warnings.catch_warnings():
+    # PyG scripts a few helpers at import time, which recent torch reports as deprecated; the
+    # warning concerns PyG's internals, not anything momkd (or its users) can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from torch_geometric.nn import GATv2Conv
 
 __all__ = ["GraphEncoder", "SphereProjector", "make_classifier"]
 
