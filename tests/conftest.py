@@ -13,3 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The test models are tiny; one intra-op thread avoids oversubscribing small CI machines (the Rust
+# loader runs its own threads next to torch).
+torch.set_num_threads(1)
