@@ -35,14 +35,23 @@ def bench_cohort() -> dict:
     marker = out / "bench_ready.json"
     if not marker.exists():
         generate_cohort(
-            out, patients=slides, external=0, dim=dim, genes=64, patches=patches,
-            seed=1234, h5=True, pt=True, progress=True, overwrite=True,
+            out,
+            patients=slides,
+            external=0,
+            dim=dim,
+            genes=64,
+            patches=patches,
+            seed=1234,
+            h5=True,
+            pt=True,
+            progress=True,
+            overwrite=True,
         )
         marker.write_text(json.dumps({"slides": slides, "patches": patches, "dim": dim}))
     return {"dir": out, "slides": slides, "patches": patches, "dim": dim}
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print throughput and ratios against momkd per benchmark group."""
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:

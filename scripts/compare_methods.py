@@ -90,8 +90,14 @@ def main() -> int:
     oracle = json.loads((cohort / "oracle.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     config = out / "base.yaml"
-    config.write_text(subprocess.run([*_momkd(), "init-config", "--preset", "official"],
-                                     check=True, capture_output=True, text=True).stdout)
+    config.write_text(
+        subprocess.run(
+            [*_momkd(), "init-config", "--preset", "official"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     positive, negative = {"odx": ("[High]", "[Low]")}.get(args.task, ("[Positive]", "[Negative]"))
     data = [
         f"data.store={cohort / 'cohort.zarr'}",
@@ -132,21 +138,34 @@ def main() -> int:
     for name, summary, wall in results:
         ext = summary.get("external") or {}
         ens = (ext.get("ensemble") or {}).get("auc")
-        epoch_s = _mean_epoch_seconds(out / name.replace(" ", "_").replace("(", "").replace(")", ""))
+        epoch_s = _mean_epoch_seconds(
+            out / name.replace(" ", "_").replace("(", "").replace(")", "")
+        )
         lines.append(
             f"| {name} | {_pm(summary)} | {_pm(ext)} | "
             f"{'n/a' if ens is None else f'{ens:.3f}'} | "
             f"{'n/a' if epoch_s is None else f'{epoch_s:.1f}'} | {wall:.0f} |"
         )
-        table.append({"method": name, "summary_mean": summary.get("mean"),
-                      "summary_std": summary.get("std"), "external": ext,
-                      "epoch_seconds": epoch_s, "wall_seconds": wall})
-    lines += ["", "oracle AUCs (generator): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in task_oracle.items() if isinstance(v, float))]
+        table.append(
+            {
+                "method": name,
+                "summary_mean": summary.get("mean"),
+                "summary_std": summary.get("std"),
+                "external": ext,
+                "epoch_seconds": epoch_s,
+                "wall_seconds": wall,
+            }
+        )
+    lines += [
+        "",
+        "oracle AUCs (generator): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in task_oracle.items() if isinstance(v, float)),
+    ]
     lines += ["", "settings: " + " ".join(COMMON + args.set)]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    (out / "comparison.json").write_text(json.dumps({"task": args.task, "oracle": task_oracle,
-                                                     "results": table}, indent=2))
+    (out / "comparison.json").write_text(
+        json.dumps({"task": args.task, "oracle": task_oracle, "results": table}, indent=2)
+    )
     print("\n".join(lines))
     return 0
 

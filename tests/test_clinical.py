@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from momkd.data.clinical import load_clinical, load_expression, require_cases
 from momkd.errors import ConfigError, DataError
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from momkd.config import (
     RunConfig,
     config_to_dict,

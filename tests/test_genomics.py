@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.feature_selection import SelectKBest, f_classif
-
 from momkd.config import load_config
 from momkd.errors import ConfigError, DataError
 from momkd.train.genomics import GenomicsPreprocessor, preprocessor_from_config
+from sklearn.feature_selection import SelectKBest, f_classif
 
 
 def _raw(n: int = 40, g: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -8,15 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    f1_score,
-    recall_score,
-    roc_auc_score,
-)
-
 from momkd.errors import DataError
 from momkd.metrics import (
     THRESHOLD_METRICS,
@@ -26,6 +17,14 @@ from momkd.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     evaluate_with_threshold,
+)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    recall_score,
+    roc_auc_score,
 )
 
 

@@ -155,7 +155,10 @@ def test_memory_attention_pool_by_hand() -> None:
         e = np.exp(score[sl] / tau)
         attn[sl] = e / e.sum()
         pooled[b] = (attn[sl, None] * feats[sl]).sum(axis=0)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
+
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
+
     got = memory_attention_pool_reference(
         t(p), t(feats), t(cp), t(cn), torch.tensor(math.log(tau)), torch.tensor(offsets)
     )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from momkd.errors import DataError
 from momkd.train.splits import Split, make_splits, read_splits, resolve_splits, write_splits
 

@@ -170,7 +170,7 @@ def format_demo(report: dict[str, Any]) -> str:
             + ", ".join(f"{k} {_fmt(oracle[k])}" for k in keys + ext_keys)
         )
     lines.append(
-        "(latent: the noiseless score; expression: cross-validated logistic regression on "
+        "(latent: the noiseless score; expression: cross-validated ridge classifier on "
         "expression; histology: the hidden tumour-morphology signal; see docs/SYNTHETIC.md)"
     )
     return "\n".join(lines)
@@ -203,8 +203,8 @@ def run_demo(
     """
     from momkd.config import load_config, preset_yaml
     from momkd.data.ingest import ingest
-    from momkd.synth import generate_cohort
     from momkd.report import write_report
+    from momkd.synth import generate_cohort
     from momkd.train.loop import write_json
     from momkd.train.runner import train
 

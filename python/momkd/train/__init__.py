@@ -13,13 +13,13 @@ from momkd.train.splits import Split, make_splits, read_splits, resolve_splits, 
 
 __all__ = [
     "GenomicsPreprocessor",
-    "train",
     "Split",
     "make_splits",
     "preprocessor_from_config",
     "read_gene_list",
     "read_splits",
     "resolve_splits",
+    "train",
     "write_splits",
 ]
 
