@@ -26,7 +26,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from momkd._io import atomic_write_text
 from momkd.errors import ConfigError
 
 __all__ = [
@@ -761,17 +761,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> Path:
     text = "# momkd resolved run configuration\n" + yaml.safe_dump(
         config_to_dict(_absolute(cfg)), sort_keys=False, default_flow_style=False, width=100
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write_text(dest, text)
 
 
 # ---------------------------------------------------------------------------------- preset YAMLs

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import atomic_write_text
 from momkd.errors import DataError, MomkdError
 
 __all__ = [
@@ -844,8 +845,6 @@ def write_report(
         parts.append(f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>{body}</section>')
     parts.append("</main></body></html>")
     out_html = out_dir / "report.html"
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out_html)
+    atomic_write_text(out_html, "\n".join(parts))
     logger.info("wrote run report %s", out_html)
     return out_html

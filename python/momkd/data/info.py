@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import dir_bytes
 from momkd.data.store import CohortStore, read_header
 from momkd.errors import MomkdError
 
@@ -45,17 +46,6 @@ def _array_meta(path: Path, name: str) -> dict[str, Any] | None:
         "chunks": chunks,
         "codecs": codecs,
     }
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
 
 
 def _nbytes(meta: dict[str, Any] | None) -> int:
@@ -103,7 +93,7 @@ def describe(
     feats = arrays["features"] or {}
     chunk_rows = (feats.get("chunks") or [None])[0]
     bytes_decoded = sum(_nbytes(m) for m in arrays.values())
-    bytes_on_disk = _dir_bytes(p)
+    bytes_on_disk = dir_bytes(p)
     info: dict[str, Any] = {
         "path": str(p),
         "valid": False,

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import dir_bytes
 from momkd.data.store import (
     FEATURE_DTYPES,
     StoreWriter,
@@ -295,17 +296,6 @@ def _fingerprint(sources: list[SourceFile], key: str, dtype: str) -> str:
     return h.hexdigest()
 
 
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
-
-
 def _header_hints(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "patch_size_level0" in attrs:
@@ -545,7 +535,7 @@ def ingest(
         "feature_dim": writer.feature_dim,
         "dtype": writer.dtype,
         "chunk_rows": writer.chunk_rows,
-        "bytes_on_disk": _dir_bytes(out_path),
+        "bytes_on_disk": dir_bytes(out_path),
         "bytes_decoded": n_patches * writer.feature_dim * 4,
         "seconds": round(seconds, 3),
         "mb_per_s": round(bytes_read / 1e6 / seconds, 2) if seconds > 0 else None,

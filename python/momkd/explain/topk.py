@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import atomic_open
 from momkd.errors import DataError
 
 __all__ = ["TOPK_COLUMNS", "TopKTracker", "make_gallery", "read_topk_csv"]
@@ -131,14 +132,11 @@ class TopKTracker:
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write ``topk_patches.csv`` (columns :data:`TOPK_COLUMNS`) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_open(path) as fh:
             writer = csv.DictWriter(fh, fieldnames=list(TOPK_COLUMNS))
             writer.writeheader()
             for row in self.rows():
                 writer.writerow({**row, "similarity": f"{row['similarity']:.7g}"})
-        os.replace(tmp, path)
         return path
 
 

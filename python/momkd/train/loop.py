@@ -32,7 +32,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from momkd._io import atomic_write_text
 from momkd.config import RunConfig
 from momkd.data.loader import Bag, BagLoader
 from momkd.data.store import CohortStore
@@ -85,20 +85,6 @@ METHODS = ("momkd", "abmil", "batchkd")
 # ------------------------------------------------------------------------------------- small I/O
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/Inf floats as ``None``, numpy and torch scalars as Python numbers."""
     if isinstance(obj, dict):
@@ -120,7 +106,7 @@ def jsonable(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write strict JSON (NaN as ``null``) atomically."""
-    _atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -138,7 +124,7 @@ def write_csv(
     writer.writerow(list(header))
     for row in rows:
         writer.writerow([_cell(v) for v in row])
-    _atomic_write_text(Path(path), buf.getvalue())
+    atomic_write_text(Path(path), buf.getvalue())
 
 
 def _cell(v: Any) -> Any:

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from momkd._io import atomic_write_text
 from momkd.errors import DataError
 
 __all__ = ["Split", "make_splits", "read_splits", "resolve_splits", "write_splits"]
@@ -176,19 +176,6 @@ def make_splits(
     return splits
 
 
-def _atomic_write_text(dest: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_splits(splits: Sequence[Split], directory: str | os.PathLike[str]) -> list[Path]:
     """Write ``splits_<i>.csv`` files (columns ``train,val,test``, short columns padded empty).
 
@@ -215,7 +202,7 @@ def write_splits(splits: Sequence[Split], directory: str | os.PathLike[str]) -> 
         for r in range(max(len(c) for c in cols)):
             writer.writerow([c[r] if r < len(c) else "" for c in cols])
         path = out / f"splits_{i}.csv"
-        _atomic_write_text(path, buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
         paths.append(path)
     return paths
 
