@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import atomic_open, atomic_write_text
 from momkd.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -618,18 +619,14 @@ def _atomic_path(path: Path) -> Path:
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterator[list[Any]] | list[list[Any]]) -> None:
-    tmp = _atomic_path(path)
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _write_h5(path: Path, slide_id: str, sl: _Slide, cfg: SynthConfig) -> None:
