@@ -228,6 +228,11 @@ def test_presets_differ_as_specified(tmp_path: Path) -> None:
     assert (official.model.hidden, official.model.sphere, official.loss.mse) == (512, 64, 0.05)
     assert (paper.model.hidden, paper.model.sphere, paper.loss.mse) == (256, 128, 0.01)
     assert paper.model.preset == "paper"
+    # official reproduces the released model selection and raw features; paper keeps the general
+    # defaults of the dataclasses.
+    assert (official.train.monitor, official.train.min_delta) == ("val_auc", 0.0)
+    assert official.data.standardize == "none"
+    assert (paper.train.monitor, paper.data.standardize) == ("val_loss", "train")
     # Apart from the preset's keys, paper keeps the official settings.
     o, p = config_to_dict(official), config_to_dict(paper)
     for section, key in (
@@ -235,6 +240,9 @@ def test_presets_differ_as_specified(tmp_path: Path) -> None:
         ("model", "sphere"),
         ("loss", "mse"),
         ("model", "preset"),
+        ("train", "monitor"),
+        ("train", "min_delta"),
+        ("data", "standardize"),
     ):
         o[section].pop(key), p[section].pop(key)
     assert o == p

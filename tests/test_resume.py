@@ -23,7 +23,6 @@ from momkd.train.checkpoint import (
     save_checkpoint,
     to_safe,
 )
-from momkd.train.loop import EarlyStopping
 
 
 def _draws() -> tuple[float, float, list[float]]:
@@ -93,22 +92,6 @@ def test_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(MomkdError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
-
-
-def test_early_stopping_patience_and_min_epochs() -> None:
-    stop = EarlyStopping(patience=2, min_epochs=5)
-    scores = [0.6, 0.7, 0.65, 0.7, 0.69, 0.68, 0.8]
-    decisions = []
-    for epoch, s in enumerate(scores):
-        stop.update(s, epoch)
-        decisions.append(stop.should_stop(epoch))
-    # epoch 3 has had 2 epochs without improvement but min_epochs (5) is not reached;
-    # epoch 4 (the 5th) stops: 3 bad epochs >= patience.
-    assert decisions == [False, False, False, False, True, True, False]
-    assert stop.best == 0.8 and stop.best_epoch == 6
-    other = EarlyStopping(2, 5)
-    other.load_state_dict(stop.state_dict())
-    assert other.state_dict() == stop.state_dict()
 
 
 # ----------------------------------------------------------------------------- kill and resume

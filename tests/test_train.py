@@ -208,7 +208,7 @@ def test_checkpoints_load_with_weights_only(run: tuple[Path, dict]) -> None:
         model = build_model(ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
     last = torch.load(out / "fold_0" / "last.pt", weights_only=True)
-    assert {"optimizer", "scheduler", "sampler", "rng", "early_stopping", "history"} <= set(last)
+    assert {"optimizer", "sampler", "rng", "monitor", "history"} <= set(last)
     assert last["epoch"] == len(last["history"]) == 2
     assert isinstance(last["rng"]["torch"], torch.Tensor)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -114,6 +115,14 @@ class DataConfig:
         None, "optional external cohort: {store: ..., clinical: ...}"
     )
     skip_missing: bool = _f(False, "skip (and count) slides without expression instead of failing")
+    standardize: Literal["none", "train"] = _f(
+        "train",
+        "feature standardisation: train (per-feature mean/std of the fold's training patches) "
+        "or none",
+    )
+    bag: Literal["slide", "patient"] = _f(
+        "slide", "model input: slide (one bag per slide) or patient (a patient's slides as one bag)"
+    )
 
 
 @dataclass
@@ -121,7 +130,11 @@ class SplitsConfig:
     """Patient-level, label-stratified k-fold cross-validation."""
 
     k: int = _f(5, "number of folds; each fold is the test set once")
-    val_fraction: float = _f(0.2, "share of the non-test patients used for validation")
+    val_fraction: float = _f(
+        0.2,
+        "share of the non-test patients used for validation (0: no validation set; train.epochs "
+        "run in full and the last epoch's model is kept)",
+    )
     seed: int = _f(0, "seed of the split assignment")
     dir: Path | None = _f(
         None, "folder of user split files splits_<i>.csv (columns train,val,test)"
@@ -206,12 +219,12 @@ class TrainConfig:
 
     epochs: int = _f(100, "maximum number of epochs")
     min_epochs: int = _f(50, "no early stopping before this epoch")
-    patience: int = _f(20, "early-stopping patience on the validation AUC (epochs)")
+    patience: int = _f(20, "early-stopping patience on train.monitor (epochs)")
     lr: float = _f(2e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     clip_norm: float | None = _f(16.0, "gradient-norm clipping (null: off)")
     batch_size: int = _f(1, "bags per optimizer step")
-    plateau_patience: int = _f(5, "ReduceLROnPlateau patience on the validation AUC")
+    plateau_patience: int = _f(5, "ReduceLROnPlateau patience on train.monitor (epochs)")
     plateau_factor: float = _f(0.2, "ReduceLROnPlateau factor")
     balanced_sampling: bool = _f(True, "class-balanced sampling with replacement")
     seed: int = _f(0, "seed of model initialisation, sampling and memory initialisation")
@@ -228,6 +241,13 @@ class TrainConfig:
     folds: list[int] | None = _f(None, "folds to run (null: all)")
     bootstrap: int = _f(0, "bootstrap resamples for the AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
+    monitor: Literal["val_loss", "val_auc"] = _f(
+        "val_loss",
+        "validation quantity followed by the kept checkpoint, early stopping and the LR schedule",
+    )
+    min_delta: float = _f(
+        0.0, "a change of train.monitor within this is a tie; a tie keeps the later epoch"
+    )
 
 
 @dataclass
@@ -616,6 +636,7 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(set(t.folds)) == len(t.folds), "train.folds", "contains duplicates")
     require(t.bootstrap >= 0, "train.bootstrap", "must be >= 0")
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------- public entries
@@ -802,8 +823,16 @@ _EXAMPLE_VALUES: dict[str, Any] = {
     "output.dir": "runs/momkd",
 }
 
+#: The released code's model selection and input handling (``init-config --preset official``).
+_RELEASED_PROTOCOL: dict[str, Any] = {
+    "train.monitor": "val_auc",
+    "train.min_delta": 0.0,
+    "data.standardize": "none",
+}
+
 _PRESET_NOTES = {
-    "official": "defaults of the authors' released code (hidden 512, sphere 64, loss.mse 0.05)",
+    "official": "defaults of the authors' released code (hidden 512, sphere 64, loss.mse 0.05, "
+    "model selection on the validation AUC with ties keeping the later epoch, raw features)",
     "paper": "dimensions stated in the paper (hidden 256, sphere 128, loss.mse 0.01)",
     "demo": "small and fast, for the synthetic cohort written by `momkd synth`",
 }
@@ -888,6 +917,8 @@ def preset_yaml(name: str = "official") -> str:
         raise ConfigError(f"init-config: --preset: unknown preset {name!r} (official, paper, demo)")
     values = dict(_DEMO_VALUES if name == "demo" else _EXAMPLE_VALUES)
     values["model.preset"] = "paper" if name == "paper" else "official"
+    if name == "official":
+        values.update(_RELEASED_PROTOCOL)
     lines = [
         f"# momkd run configuration, preset '{name}':",
         f"#   {_PRESET_NOTES[name]}.",

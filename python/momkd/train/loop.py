@@ -4,17 +4,23 @@ early stopping, checkpoints, and the fold's final evaluation.
 One :class:`FoldTrainer` owns ``RUN_DIR/fold_<k>/``::
 
     last.pt                   full training state after the latest finished epoch (resume point)
-    best.pt                   model of the best validation AUC (+ config, genomics state)
+    best.pt                   model of the kept epoch (train.monitor; + config, genomics state)
     history.json/.csv         one row per epoch: losses, val AUC/loss, lr, tau, timing, memory usage
     val_predictions.csv       slide_id, case_id, label, prob, pred   (best model)
     test_predictions.csv      slide_id, case_id, label, prob, pred, pred_thr
     external_predictions.csv  (when an external cohort is configured)
     result.json               the fold's metrics; its presence marks the fold as finished
 
-Protocol (SPEC §2.6): AdamW over all trainable parameters, gradient-norm clipping, class-balanced
-sampling with replacement (:class:`~momkd.train.sampler.ClassBalancedSampler`), ReduceLROnPlateau
-and early stopping on the validation AUC, best-validation-AUC model for testing. Test metrics are
-reported at the argmax rule and at the F1-optimal threshold chosen on the validation set.
+Protocol (docs/METHOD.md §2.6): AdamW over all trainable parameters, gradient-norm clipping,
+class-balanced sampling with replacement (:class:`~momkd.train.sampler.ClassBalancedSampler`). One
+monitored validation quantity (``train.monitor``: ``val_loss`` or ``val_auc``) drives the kept
+checkpoint, early stopping and the plateau learning-rate schedule (:class:`Monitor`); a change within
+``train.min_delta`` is a tie and a tie keeps the later epoch. Without a validation set
+(``splits.val_fraction: 0``) every epoch runs and the last one is kept. With ``data.standardize:
+train`` the features are standardised with statistics of the fold's training patches only
+(:mod:`momkd.train.standardize`). With ``data.bag: patient`` a patient's slides form one bag (each
+slide keeps its own k-NN graph). Test metrics are reported at the argmax rule and at the F1-optimal
+threshold chosen on the validation set.
 
 Reproducibility: every fold seeds Python, numpy and torch with ``train.seed + fold`` before building
 its model, the epoch draw depends only on ``(seed, epoch)``, and ``last.pt`` stores every generator
@@ -58,11 +64,13 @@ from momkd.train.checkpoint import (
     save_checkpoint,
 )
 from momkd.train.sampler import ClassBalancedSampler
+from momkd.train.standardize import attach_standardizer, fit_feature_stats
 
 __all__ = [
     "METHODS",
     "EarlyStopping",
     "FoldData",
+    "Monitor",
     "FoldTrainer",
     "InferenceResult",
     "build_model",
@@ -259,7 +267,7 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "temperature": m.batchkd_temperature,
             "kd_weight": cfg.loss.batchkd,
         }
-    return {"method": method, "params": params}
+    return {"method": method, "params": params, "standardize": cfg.data.standardize == "train"}
 
 
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
@@ -272,20 +280,26 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     """
     method = spec.get("method")
     params = dict(spec.get("params", {}))
+    model: nn.Module
     if method == "momkd":
         from momkd.model.momkd import ModelConfig, MoMKD
 
         params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
-        return MoMKD(ModelConfig(**params))
-    if method == "abmil":
+        model = MoMKD(ModelConfig(**params))
+    elif method == "abmil":
         from momkd.model.abmil import ABMIL, ABMILConfig
 
-        return ABMIL(ABMILConfig(**params))
-    if method == "batchkd":
+        model = ABMIL(ABMILConfig(**params))
+    elif method == "batchkd":
         from momkd.model.batchkd import BatchKD, BatchKDConfig
 
-        return BatchKD(BatchKDConfig(**params))
-    raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+        model = BatchKD(BatchKDConfig(**params))
+    else:
+        raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+    if spec.get("standardize"):
+        # Identity until the fold's statistics are fitted or a checkpoint's buffers are loaded.
+        attach_standardizer(model, int(params["d_in"]))
+    return model
 
 
 def loss_weights_for(cfg: RunConfig) -> Any:
@@ -375,6 +389,83 @@ def _chunks(it: Iterator[Bag], total: int, size: int, wait: list[float]) -> Iter
         yield batch
 
 
+def merge_bags(unit_id: str, bags: Sequence[Bag]) -> Bag:
+    """One bag from several slides (``data.bag: patient``): features and coordinates
+    concatenated, each slide keeping its own k-NN graph (a disjoint union, no edge between slides).
+
+    Parameters
+    ----------
+    unit_id : str
+        Id of the merged bag (the patient).
+    bags : sequence of Bag
+        The patient's slides, in order.
+
+    Returns
+    -------
+    Bag
+        ``slide_id`` = ``unit_id``; ``index`` of the first slide.
+    """
+    if len(bags) == 1:
+        b = bags[0]
+        return Bag(unit_id, b.index, b.features, b.coords, b.edge_index)
+    feats = torch.cat([b.features for b in bags])
+    coords = torch.cat([b.coords for b in bags])
+    edges = None
+    if all(b.edge_index is not None for b in bags):
+        parts = []
+        offset = 0
+        for b in bags:
+            assert b.edge_index is not None
+            parts.append(b.edge_index + offset)
+            offset += b.n_patches
+        edges = torch.cat(parts, dim=1)
+    return Bag(unit_id, bags[0].index, feats, coords, edges)
+
+
+class UnitLoader:
+    """Bags of units: slides (``members`` None) or patients, each the disjoint union of its
+    slides (:func:`merge_bags`), read in the given order by one :class:`BagLoader`.
+
+    Parameters
+    ----------
+    store : CohortStore
+    units : sequence of str
+        Unit ids (may repeat, e.g. a with-replacement epoch draw).
+    members : mapping, optional
+        Unit -> its slide ids; ``None`` when every unit is a slide.
+    epoch : int
+        Passed to :meth:`BagLoader.set_epoch` (seeds the patch subsampling).
+    **loader_kw
+        Further :class:`BagLoader` arguments.
+    """
+
+    def __init__(
+        self,
+        store: CohortStore,
+        units: Sequence[str],
+        members: Mapping[str, Sequence[str]] | None = None,
+        *,
+        epoch: int = 0,
+        **loader_kw: Any,
+    ) -> None:
+        self.units = list(units)
+        self.members = members
+        slides = self.units if members is None else [s for u in self.units for s in members[u]]
+        self.loader = BagLoader(store, slides, shuffle=False, **loader_kw)
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self) -> Iterator[Bag]:
+        it = iter(self.loader)
+        if self.members is None:
+            yield from it
+            return
+        for u in self.units:
+            yield merge_bags(u, [next(it) for _ in self.members[u]])
+
+
 # ----------------------------------------------------------------------------------- inference
 
 
@@ -416,6 +507,7 @@ def run_inference(
     prefetch: int = 4,
     progress: bool = False,
     desc: str = "predict",
+    members: Mapping[str, Sequence[str]] | None = None,
 ) -> InferenceResult:
     """Predict every slide with the histology branch only (eval mode, all patches).
 
@@ -441,6 +533,9 @@ def run_inference(
         Show a tqdm bar.
     desc : str
         Bar label.
+    members : mapping, optional
+        Unit -> slide ids when ``slide_ids`` are patients (``data.bag: patient``): each patient is
+        predicted as one bag made of its slides.
 
     Returns
     -------
@@ -459,10 +554,10 @@ def run_inference(
     graph = uses_graph(method)
     try:
         if ids:
-            loader = BagLoader(
+            loader = UnitLoader(
                 store,
                 ids,
-                shuffle=False,
+                members,
                 knn_k=knn_k if graph else None,
                 num_threads=num_threads,
                 prefetch=max(1, prefetch),
@@ -510,38 +605,80 @@ def run_inference(
 
 
 @dataclass
-class EarlyStopping:
-    """Early stopping on a score to maximise (the validation AUC).
+class Monitor:
+    """One monitored validation score (higher is better) behind the kept checkpoint, early
+    stopping and the learning-rate schedule (docs/METHOD.md §2.6).
 
-    Training stops after ``patience`` epochs without a strict improvement, but never before
-    ``min_epochs`` epochs have run.
+    Each epoch's score is compared with the best so far:
+
+    * ``score > best + min_delta``: an improvement;
+    * ``best - min_delta <= score <= best + min_delta``: a tie, which keeps the **later** epoch (as
+      the released code does with an equal validation AUC); the reference stays the maximum;
+    * otherwise a bad epoch.
+
+    An improvement or a tie marks the epoch as the one to keep and resets both counters. Training
+    stops after ``patience`` consecutive bad epochs, never before ``min_epochs`` epochs. The
+    learning rate is multiplied by the plateau factor when more than ``plateau_patience`` bad epochs
+    have passed since the last kept epoch or the last reduction (``ReduceLROnPlateau``'s rule).
+
+    Parameters
+    ----------
+    patience, min_epochs : int
+        Early stopping.
+    min_delta : float
+        Tie tolerance (>= 0).
+    plateau_patience : int, optional
+        ``None``: the schedule never reduces.
     """
 
     patience: int
     min_epochs: int
+    min_delta: float = 0.0
+    plateau_patience: int | None = None
     best: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    plateau_bad: int = 0
 
     def update(self, score: float, epoch: int) -> bool:
-        """Record an epoch's score; True when it is the best so far."""
-        if score > self.best or self.best_epoch < 0:
-            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+        """Record an epoch's score; True when this epoch is to be kept (improvement or tie)."""
+        first = self.best_epoch < 0
+        if first or score >= self.best - self.min_delta:
+            self.best = score if first else max(self.best, score)
+            self.best_epoch, self.bad_epochs, self.plateau_bad = epoch, 0, 0
             return True
         self.bad_epochs += 1
+        self.plateau_bad += 1
         return False
 
     def should_stop(self, epoch: int) -> bool:
         """Whether to stop after ``epoch`` (0-based) has finished."""
         return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
 
+    def should_reduce_lr(self) -> bool:
+        """Whether to cut the learning rate now (resets the plateau counter when True)."""
+        if self.plateau_patience is None or self.plateau_bad <= self.plateau_patience:
+            return False
+        self.plateau_bad = 0
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "plateau_bad": self.plateau_bad,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best = float(state["best"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+        self.plateau_bad = int(state.get("plateau_bad", 0))
+
+
+#: The former name of :class:`Monitor`.
+EarlyStopping = Monitor
 
 
 # --------------------------------------------------------------------------------- fold trainer
@@ -566,6 +703,11 @@ class FoldData:
         The fold's fitted :class:`~momkd.train.genomics.GenomicsPreprocessor` state.
     external : tuple | None
         ``(store, slide_ids, labels | None, cases)`` of the external cohort.
+    members : dict[str, list[str]] | None
+        With ``data.bag: patient``: patient -> slide ids. The ids in ``train``/``val``/``test`` (and
+        the keys of ``labels``/``cases``) are then patients, each one bag of its slides.
+    external_members : dict[str, list[str]] | None
+        The same for the external cohort.
     """
 
     fold: int
@@ -577,6 +719,8 @@ class FoldData:
     expression: dict[str, np.ndarray] | None = None
     genomics_state: dict[str, Any] | None = None
     external: tuple[CohortStore, list[str], dict[str, int] | None, dict[str, str]] | None = None
+    members: dict[str, list[str]] | None = None
+    external_members: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -647,17 +791,14 @@ class FoldTrainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer,
-            mode="max",
-            factor=self.cfg.train.plateau_factor,
-            patience=self.cfg.train.plateau_patience,
-        )
         train_labels = [self.data.labels[s] for s in self.data.train]
         self.sampler = ClassBalancedSampler(
             train_labels, balanced=self.cfg.train.balanced_sampling, seed=self.seed
         )
-        self.stopper = EarlyStopping(self.cfg.train.patience, self.cfg.train.min_epochs)
+        t = self.cfg.train
+        self.monitor = Monitor(
+            t.patience, t.min_epochs, float(t.min_delta), plateau_patience=t.plateau_patience
+        )
         self.state = _State()
 
     def _meta(self, kind: str) -> dict[str, Any]:
@@ -680,9 +821,8 @@ class FoldTrainer:
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "early_stopping": self.stopper.state_dict(),
+                "monitor": self.monitor.state_dict(),
                 "rng": capture_rng_state(),
                 "history": self.state.history,
                 "finished": self.state.finished,
@@ -690,9 +830,16 @@ class FoldTrainer:
         )
         save_checkpoint(self.dir / "last.pt", state)
 
-    def _save_best(self, val_auc: float) -> None:
+    def _save_best(self, val_auc: float, score: float) -> None:
         state = self._meta("best")
-        state.update({"model": self.model.state_dict(), "val_auc": val_auc})
+        state.update(
+            {
+                "model": self.model.state_dict(),
+                "val_auc": val_auc,
+                "monitor": self.cfg.train.monitor,
+                "score": score,
+            }
+        )
         save_checkpoint(self.dir / "best.pt", state)
 
     def _load_last(self) -> None:
@@ -702,11 +849,15 @@ class FoldTrainer:
                 f"checkpoint {self.dir / 'last.pt'} belongs to method {ckpt.get('method')} fold "
                 f"{ckpt.get('fold')}, not {self.method} fold {self.data.fold}"
             )
+        if "monitor" not in ckpt:
+            raise MomkdError(
+                f"checkpoint {self.dir / 'last.pt'} was written by an older momkd without "
+                "train.monitor; start this run again in a new directory"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.sampler.load_state_dict(ckpt["sampler"])
-        self.stopper.load_state_dict(ckpt["early_stopping"])
+        self.monitor.load_state_dict(ckpt["monitor"])
         self.state = _State(
             epoch=int(ckpt["epoch"]),
             step=int(ckpt["step"]),
@@ -716,19 +867,61 @@ class FoldTrainer:
         restore_rng_state(ckpt["rng"])
         log.info("fold %d: resumed after epoch %d", self.data.fold, self.state.epoch)
 
-    def _loader(self, slide_ids: Sequence[str], epoch: int, *, train: bool) -> BagLoader:
-        loader = BagLoader(
+    def _loader(
+        self, units: Sequence[str], epoch: int, *, train: bool, graph: bool | None = None
+    ) -> UnitLoader:
+        return UnitLoader(
             self.store,
-            list(slide_ids),
-            shuffle=False,
+            list(units),
+            self.data.members,
+            epoch=epoch,
             seed=self.seed,
             max_patches=self.cfg.train.max_patches if train else None,
-            knn_k=self.knn_k if self.graph else None,
+            knn_k=self.knn_k if (self.graph if graph is None else graph) else None,
             num_threads=self.loader_threads,
             prefetch=max(1, self.cfg.train.prefetch),
         )
-        loader.set_epoch(epoch)
-        return loader
+
+    def _fit_standardizer(self) -> None:
+        """Feature mean/std over every patch of the training units (all patches, no graph)."""
+        units = list(dict.fromkeys(self.data.train))
+        stats = fit_feature_stats(
+            self._loader(units, 0, train=False, graph=False), self.store.feature_dim
+        )
+        attach_standardizer(self.model, self.store.feature_dim, stats)
+        log.info(
+            "fold %d: feature standardisation fitted on %d patches of %d training bags",
+            self.data.fold,
+            stats.n,
+            len(units),
+        )
+
+    def _check_validation_size(self) -> None:
+        """One warning when the validation set is too small for stable model selection."""
+        d = self.data
+        if not d.val:
+            log.info(
+                "fold %d: no validation set; training runs train.epochs=%d and keeps the last "
+                "epoch's model",
+                d.fold,
+                self.cfg.train.epochs,
+            )
+            return
+        n_pos = sum(d.labels[s] for s in d.val)
+        n_neg = len(d.val) - n_pos
+        if len(d.val) < 20 or min(n_pos, n_neg) < 5:
+            unit = "patients" if d.members is not None else "slides"
+            log.warning(
+                "fold %d: small validation set (%d %s: %d positive, %d negative); model "
+                "selection on it is noisy and the validation AUC saturates early: prefer "
+                "train.monitor: val_loss with train.min_delta, a larger splits.val_fraction, or "
+                "splits.val_fraction: 0 (fixed train.epochs, last model kept)",
+                d.fold,
+                len(d.val),
+                unit,
+                n_pos,
+                n_neg,
+            )
 
     @torch.no_grad()
     def _init_memory(self) -> None:
@@ -862,20 +1055,22 @@ class FoldTrainer:
             collect_usage=self.method == "momkd",
             num_threads=self.loader_threads,
             prefetch=self.cfg.train.prefetch,
+            members=self.data.members,
         )
 
-    def _val_score(self, res: InferenceResult, epoch: int) -> float:
-        """Validation AUC; the negative validation loss when the AUC is undefined (one class).
+    def _val_score(self, res: InferenceResult, epoch: int, val_auc: float) -> float:
+        """The monitored score (higher is better): the validation AUC (``train.monitor:
+        val_auc``) or the negative validation loss (``val_loss``, and the fallback when the AUC is
+        undefined because the validation set has one class).
 
         Without validation slides the score is the epoch number: the last epoch is kept and
         neither the learning rate schedule nor early stopping ever triggers.
         """
         if not res.slide_ids:
             return float(epoch)
-        if self._val_has_both():
-            y = np.array([self.data.labels[s] for s in res.slide_ids])
-            return float(binary_metrics(y, res.probs)["auc"])
-        score = -float(res.loss) if res.loss is not None else 0.0
+        if self.cfg.train.monitor == "val_auc" and math.isfinite(val_auc):
+            return val_auc
+        score = -float(res.loss) if res.loss is not None else -math.inf
         return score if math.isfinite(score) else -math.inf
 
     def fit(self) -> None:
@@ -898,12 +1093,18 @@ class FoldTrainer:
             row: dict[str, Any] = {"epoch": epoch}
             row.update(self._train_epoch(epoch))
             val = self._validate()
-            score = self._val_score(val, epoch)
-            val_auc = score if val.slide_ids and self._val_has_both() else math.nan
-            self.scheduler.step(score)
-            improved = self.stopper.update(score, epoch)
+            val_auc = math.nan
+            if val.slide_ids and self._val_has_both():
+                y_val = np.array([self.data.labels[s] for s in val.slide_ids])
+                val_auc = float(binary_metrics(y_val, val.probs)["auc"])
+            score = self._val_score(val, epoch, val_auc)
+            improved = self.monitor.update(score, epoch)
+            if self.monitor.should_reduce_lr():
+                for group in self.optimizer.param_groups:
+                    group["lr"] = float(group["lr"]) * float(cfg.train.plateau_factor)
             row["val_auc"] = val_auc
             row["val_loss"] = val.loss
+            row["score"] = score
             row["val_seconds"] = val.seconds
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
             tau = getattr(self.model, "tau", None)
@@ -917,10 +1118,10 @@ class FoldTrainer:
             row["seconds"] = time.perf_counter() - t0
             self.state.history.append(row)
             self.state.epoch = epoch + 1
-            if self.stopper.should_stop(epoch) or self.state.epoch >= epochs:
+            if self.monitor.should_stop(epoch) or self.state.epoch >= epochs:
                 self.state.finished = True
             if improved:
-                self._save_best(val_auc)
+                self._save_best(val_auc, score)
             self._save_last()
             self._write_history()
             log.info(
@@ -936,7 +1137,7 @@ class FoldTrainer:
                 100 * row["loader_wait_share"],
             )
             bar.update(1)
-            bar.set_postfix(val_auc=f"{val_auc:.3f}", best=f"{self.stopper.best:.3f}")
+            bar.set_postfix(val_auc=f"{val_auc:.3f}", kept=self.monitor.best_epoch)
         bar.close()
         self.state.finished = True
 
@@ -965,6 +1166,7 @@ class FoldTrainer:
         labels: Mapping[str, int] | None,
         cases: Mapping[str, str],
         thr: float | None,
+        members: Mapping[str, Sequence[str]] | None = None,
     ) -> list[list[Any]]:
         rows = []
         for s, p in zip(res.slide_ids, res.probs.tolist(), strict=True):
@@ -977,6 +1179,8 @@ class FoldTrainer:
             ]
             if thr is not None:
                 row.append(int(p > thr))
+            if members is not None:
+                row.append(";".join(members[s]))
             rows.append(row)
         return rows
 
@@ -995,6 +1199,8 @@ class FoldTrainer:
             "progress": self.progress,
         }
         header = ["slide_id", "case_id", "label", "prob", "pred"]
+        members = d.members
+        slides_col = ["slides"] if members is not None else []
         result: dict[str, Any] = {
             "fold": d.fold,
             "best_epoch": int(best.get("epoch", 0)) - 1,
@@ -1003,11 +1209,19 @@ class FoldTrainer:
             "n_train": len(d.train),
             "n_val": len(d.val),
             "n_test": len(d.test),
+            "monitor": self.cfg.train.monitor,
+            "bag": "patient" if members is not None else "slide",
         }
         thr = 0.5
         if d.val:
             val = run_inference(
-                self.model, self.store, d.val, labels=d.labels, desc=f"fold {d.fold} val", **kw
+                self.model,
+                self.store,
+                d.val,
+                labels=d.labels,
+                desc=f"fold {d.fold} val",
+                members=members,
+                **kw,
             )
             y_val = np.array([d.labels[s] for s in d.val])
             thr = best_f1_threshold(y_val, val.probs)
@@ -1015,14 +1229,20 @@ class FoldTrainer:
             result["val"]["loss"] = val.loss
             write_csv(
                 self.dir / "val_predictions.csv",
-                header,
-                self._predictions(val, d.labels, d.cases, None),
+                header + slides_col,
+                self._predictions(val, d.labels, d.cases, None, members),
             )
         else:
             result["val"] = {}
         result["threshold"] = thr
         test = run_inference(
-            self.model, self.store, d.test, labels=d.labels, desc=f"fold {d.fold} test", **kw
+            self.model,
+            self.store,
+            d.test,
+            labels=d.labels,
+            desc=f"fold {d.fold} test",
+            members=members,
+            **kw,
         )
         y_test = np.array([d.labels[s] for s in d.test])
         result["test"] = evaluate_with_threshold(y_test, test.probs, thr)
@@ -1033,18 +1253,24 @@ class FoldTrainer:
             result["test"]["auc_ci_low"], result["test"]["auc_ci_high"] = lo, hi
         write_csv(
             self.dir / "test_predictions.csv",
-            header + ["pred_thr"],
-            self._predictions(test, d.labels, d.cases, thr),
+            header + ["pred_thr"] + slides_col,
+            self._predictions(test, d.labels, d.cases, thr, members),
         )
         if d.external is not None:
             ext_store, ext_ids, ext_labels, ext_cases = d.external
+            ext_members = d.external_members
             ext = run_inference(
-                self.model, ext_store, ext_ids, desc=f"fold {d.fold} external", **kw
+                self.model,
+                ext_store,
+                ext_ids,
+                desc=f"fold {d.fold} external",
+                members=ext_members,
+                **kw,
             )
             write_csv(
                 self.dir / "external_predictions.csv",
-                header + ["pred_thr"],
-                self._predictions(ext, ext_labels, ext_cases, thr),
+                header + ["pred_thr"] + (["slides"] if ext_members is not None else []),
+                self._predictions(ext, ext_labels, ext_cases, thr, ext_members),
             )
             if ext_labels is not None:
                 y_ext = np.array([ext_labels[s] for s in ext_ids])
@@ -1059,9 +1285,12 @@ class FoldTrainer:
         t0 = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._build()
+        self._check_validation_size()
         if resume and (self.dir / "last.pt").is_file():
             self._load_last()
         else:
+            if self.spec.get("standardize"):
+                self._fit_standardizer()
             if self.method == "momkd":
                 self._init_memory()
         self.fit()

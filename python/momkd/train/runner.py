@@ -344,6 +344,22 @@ def _run_folds(
 
     label_of = table.label_of()
     case_of = table.case_of()
+    members: dict[str, list[str]] | None = None
+    ext_members: dict[str, list[str]] | None = None
+    if cfg.data.bag == "patient":
+        members, unit_labels = patient_units(table.slide_ids, label_of, case_of, str(table.path))
+        if external is not None and external[2] is not None:
+            ext_store, ext_ids, ext_labels, ext_cases, ext_report = external
+            ext_members, ext_unit_labels = patient_units(
+                ext_ids, ext_labels, ext_cases, str(cfg.data.external.clinical)
+            )
+            external = (
+                ext_store,
+                list(ext_members),
+                ext_unit_labels,
+                {u: u for u in ext_members},
+                ext_report,
+            )
     results: list[dict[str, Any]] = []
     fold_seconds: list[float] = []
     for fold in folds:
@@ -370,6 +386,14 @@ def _run_folds(
             genomics_state=genomics_state,
             external=external[:4] if external is not None else None,
         )
+        if members is not None:
+            data.members = members
+            data.external_members = ext_members
+            data.labels = unit_labels
+            data.cases = {u: u for u in members}
+            data.train, data.val, data.test = (
+                _units(part, case_of) for part in (split.train, split.val, split.test)
+            )
         trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show)
         result = trainer.run(resume=resume)
         results.append(read_json(done))
@@ -378,6 +402,52 @@ def _run_folds(
     summary = _summarise(cfg, run_dir, results, data_report, external, folds)
     summary["fold_seconds"] = fold_seconds
     return summary
+
+
+def _units(slides: Sequence[str], case_of: Mapping[str, str]) -> list[str]:
+    """The patients of ``slides``, in order of first appearance."""
+    return list(dict.fromkeys(case_of[s] for s in slides))
+
+
+def patient_units(
+    slide_ids: Sequence[str],
+    label_of: Mapping[str, int],
+    case_of: Mapping[str, str],
+    source: str,
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Group slides into patient bags (``data.bag: patient``).
+
+    Parameters
+    ----------
+    slide_ids : sequence of str
+    label_of, case_of : mapping
+        Slide -> label, slide -> patient.
+    source : str
+        The clinical table (named in errors).
+
+    Returns
+    -------
+    members : dict
+        Patient -> its slides (table order).
+    labels : dict
+        Patient -> label.
+
+    Raises
+    ------
+    DataError
+        A patient whose slides carry different labels.
+    """
+    members: dict[str, list[str]] = {}
+    labels: dict[str, int] = {}
+    for s in slide_ids:
+        c = case_of[s]
+        members.setdefault(c, []).append(s)
+        if labels.setdefault(c, int(label_of[s])) != int(label_of[s]):
+            raise DataError(
+                f"{source}: patient {c!r} has slides with different labels; data.bag: patient "
+                "needs one label per patient (use data.bag: slide)"
+            )
+    return members, labels
 
 
 def _fold_genomics(
