@@ -316,3 +316,17 @@ def test_patient_bags_train_and_predict_one_row_per_patient(cohort: Path, tmp_pa
     for r in rows:
         assert r["slide_id"] == r["case_id"]
         assert r["slides"].split(";") == [s for s in test_slides if case_of[s] == r["case_id"]]
+    # momkd eval on a patient-bag run predicts patients too, with the same fold model
+    from momkd.train.evaluate import evaluate_run
+
+    res = evaluate_run(
+        tmp_path / "run", cohort / "cohort.zarr", cohort / "clinical.csv", tmp_path / "ev"
+    )
+    labelled = {r["case_id"] for r in clinical if r[LABEL] in ("Positive", "Negative")}
+    assert res["bag"] == "patient" and res["n_bags"] == len(labelled)
+    ev = {r["case_id"]: r for r in _read_csv(tmp_path / "ev/predictions.csv")}
+    for r in rows:
+        assert float(ev[r["case_id"]]["prob_pos_fold0"]) == pytest.approx(
+            float(r["prob"]), abs=1e-6
+        )
+        assert ev[r["case_id"]]["slides"] == r["slides"]

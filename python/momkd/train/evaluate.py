@@ -109,7 +109,11 @@ def load_fold_models(source: str | os.PathLike[str], device: Any = None) -> list
 
 
 def _predict_all(
-    models: Sequence[FoldModel], store: Any, slide_ids: Sequence[str], progress: bool
+    models: Sequence[FoldModel],
+    store: Any,
+    slide_ids: Sequence[str],
+    progress: bool,
+    members: Mapping[str, Sequence[str]] | None = None,
 ) -> np.ndarray:
     from momkd.train.loop import run_inference
 
@@ -124,6 +128,7 @@ def _predict_all(
             knn_k=fm.knn_k,
             progress=progress,
             desc=f"fold {fm.fold}",
+            members=members,
         )
         out[i] = res.probs
     return out
@@ -279,7 +284,17 @@ def evaluate_run(
     _check_dims(models, cohort, store)
     ids = list(table.slide_ids)
     y = table.labels
-    probs = _predict_all(models, cohort, ids, _progress(progress))
+    cases = table.case_of()
+    members = None
+    if data.get("bag") == "patient":
+        # The run was trained on patient bags: a patient's slides are predicted as one bag.
+        from momkd.train.runner import patient_units
+
+        members, unit_labels = patient_units(ids, table.label_of(), cases, str(clinical))
+        ids = list(members)
+        y = np.array([unit_labels[u] for u in ids], dtype=np.int64)
+        cases = {u: u for u in ids}
+    probs = _predict_all(models, cohort, ids, _progress(progress), members)
     per_fold = []
     for j, fm in enumerate(models):
         m = evaluate_with_threshold(y, probs[j], fm.threshold)
@@ -291,12 +306,12 @@ def evaluate_run(
     ensemble = evaluate_with_threshold(y, ens_p, ens_thr)
     out_dir = Path(out) if out is not None else run / f"eval_{Path(store).stem}"
     header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
-    header += ["prob_pos", "pred"]
-    cases = table.case_of()
+    header += ["prob_pos", "pred"] + (["slides"] if members is not None else [])
     rows = [
         [s, cases[s], int(y[i])]
         + [float(probs[j, i]) for j in range(len(models))]
         + [float(ens_p[i]), int(ens_p[i] > 0.5)]
+        + ([";".join(members[s])] if members is not None else [])
         for i, s in enumerate(ids)
     ]
     write_csv(out_dir / "predictions.csv", header, rows)
@@ -306,7 +321,9 @@ def evaluate_run(
         "clinical": str(clinical),
         "label_column": column,
         "method": models[0].method,
-        "n_slides": len(ids),
+        "n_slides": len(table.slide_ids),
+        "bag": "patient" if members is not None else "slide",
+        "n_bags": len(ids),
         "n_pos": int(y.sum()),
         "excluded": dict(table.excluded),
         "folds": per_fold,
