@@ -1,4 +1,4 @@
-"""Compatibility with the released implementation's state dict (SPEC §2.8)."""
+"""Compatibility with the released implementation's state dict (docs/METHOD.md §2.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Interoperability with state dicts saved by the MoMKD authors' released implementation (SPEC §2.8).
+"""Interoperability with state dicts saved by the MoMKD authors' released implementation (docs/METHOD.md §2.8).
 
 The released model stores 51 entries: 45 learned tensors that correspond one-to-one to momkd's
 parameters (under other names), and per class memory three buffers of its vector-quantisation

@@ -1,4 +1,4 @@
-"""Clinical tables and expression matrices (SPEC §1.2).
+"""Clinical tables and expression matrices (docs/METHOD.md §1.2).
 
 * :func:`load_clinical` reads a CSV/TSV with one row per slide (patient id, slide id, label column)
   and maps label values explicitly: values listed in ``positive`` become 1, values listed in

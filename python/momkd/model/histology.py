@@ -1,4 +1,4 @@
-"""Histology branch of MoMKD (SPEC §2.2): graph encoder, sphere projectors and classifier."""
+"""Histology branch of MoMKD (docs/METHOD.md §2.2): graph encoder, sphere projectors and classifier."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MoMKD model (SPEC §2): histology branch, omics branch, class memory and losses.
+"""The MoMKD model (docs/METHOD.md §2): histology branch, omics branch, class memory and losses.
 
 Data flow for B bags of N patches in total::
 
@@ -133,7 +133,7 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
-    """Loss weights and alignment constants (SPEC §2.4).
+    """Loss weights and alignment constants (docs/METHOD.md §2.4).
 
     ``L = ce*L_ce + mem*(L_commit + orth*L_orth) + align_omics*L_align^omics
     + align_wsi*L_align^wsi + mse*L_mse``.
@@ -389,7 +389,7 @@ class MoMKD(nn.Module):
         expression: Tensor | None = None,
         w: LossWeights | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total training loss and its terms (SPEC §2.4).
+        """Total training loss and its terms (docs/METHOD.md §2.4).
 
         For B bags, ce and the alignment terms are averaged over bags; the commitment and
         orthogonality terms are computed per bag with the bag's own class memory and averaged.
@@ -462,7 +462,7 @@ class MoMKD(nn.Module):
     def init_memory(
         self, pos_embeddings: Tensor, neg_embeddings: Tensor, *, iters: int = 20, seed: int = 0
     ) -> None:
-        """Initialise C+ and C- by spherical k-means (SPEC §2.5).
+        """Initialise C+ and C- by spherical k-means (docs/METHOD.md §2.5).
 
         Parameters
         ----------

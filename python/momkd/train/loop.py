@@ -11,7 +11,7 @@ One :class:`FoldTrainer` owns ``RUN_DIR/fold_<k>/``::
     external_predictions.csv  (when an external cohort is configured)
     result.json               the fold's metrics; its presence marks the fold as finished
 
-Protocol (SPEC §2.6): AdamW over all trainable parameters, gradient-norm clipping, class-balanced
+Protocol (docs/METHOD.md §2.6): AdamW over all trainable parameters, gradient-norm clipping, class-balanced
 sampling with replacement (:class:`~momkd.train.sampler.ClassBalancedSampler`), ReduceLROnPlateau
 and early stopping on the validation AUC, best-validation-AUC model for testing. Test metrics are
 reported at the argmax rule and at the F1-optimal threshold chosen on the validation set.
@@ -390,7 +390,7 @@ class InferenceResult:
     loss : float | None
         Mean cross-entropy when labels were given.
     usage : dict | None
-        MoMKD memory usage (SPEC §8) per class memory when requested.
+        MoMKD memory usage (docs/METHOD.md §8) per class memory when requested.
     seconds : float
     """
 
@@ -732,7 +732,7 @@ class FoldTrainer:
 
     @torch.no_grad()
     def _init_memory(self) -> None:
-        """Spherical k-means initialisation of C+ and C- (SPEC §2.5) from the untrained model."""
+        """Spherical k-means initialisation of C+ and C- (docs/METHOD.md §2.5) from the untrained model."""
         per_class = int(self.cfg.memory.init_per_class)
         rng = np.random.default_rng([self.seed, 2_000_003])
         by_class = {c: [s for s in self.data.train if self.data.labels[s] == c] for c in (0, 1)}
