@@ -235,6 +235,7 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "momentum": cfg.memory.momentum,
             "dead_after": cfg.memory.dead_after,
             "momentum_sources": list(cfg.memory.momentum_sources),
+            "input_residual": m.input_residual,
         }
     elif method == "abmil":
         params = {
@@ -276,6 +277,8 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         from momkd.model.momkd import ModelConfig, MoMKD
 
         params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
+        # Checkpoints written before the released residual rule always used a Linear.
+        params.setdefault("input_residual", "linear")
         return MoMKD(ModelConfig(**params))
     if method == "abmil":
         from momkd.model.abmil import ABMIL, ABMILConfig
