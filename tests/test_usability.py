@@ -257,6 +257,38 @@ def test_ingest_cli_no_coords(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert CohortStore.open(tmp_path / "t.zarr").grid_coords == ["a", "c"]
 
 
+def test_training_warns_when_momkd_reads_grid_coords(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from momkd.synth import generate_cohort
+    from momkd.train.runner import _load_inputs
+
+    root = tmp_path / "c"
+    generate_cohort(
+        root, patients=8, external=0, dim=32, genes=20, patches=5, seed=2, progress=False, h5=True
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in sorted((root / "h5").glob("*.h5")):
+        with h5py.File(path, "r") as fh:
+            _h5(bare / path.name, fh["features"][()], None)
+    ingest(bare, tmp_path / "grid.zarr", progress=False, grid_coords_ok=True)
+    base = [
+        f"data.store={tmp_path / 'grid.zarr'}",
+        f"data.clinical={root / 'clinical.csv'}",
+        f"data.expression={root / 'expression.csv'}",
+        "data.label_column=her2",
+        "data.positive=[Positive]",
+        "data.negative=[Negative]",
+    ]
+    for method, warned in (("momkd", True), ("abmil", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="momkd"):
+            _load_inputs(load_config(None, [*base, f"model.method={method}"]))
+        hits = [r.getMessage() for r in caplog.records if "arbitrary" in r.getMessage()]
+        assert len(hits) == (1 if warned else 0), (method, hits)
+
+
 # ------------------------------------------------------------------------ --overwrite, bytes
 
 
@@ -436,3 +468,33 @@ def test_set_epoch_bounds(small_store: Path) -> None:
         loader.order(-1)
     loader.set_epoch(2**62)
     assert [b.slide_id for b in loader] == ["s0"]
+
+
+# ---------------------------------------------------------------------------- MOMKD_PROGRESS
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_momkd_progress_turns_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from momkd.train.evaluate import _progress
+    from momkd.train.loop import progress_enabled
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    cfg = load_config(None)
+    monkeypatch.delenv("MOMKD_PROGRESS", raising=False)
+    assert progress_enabled(cfg) is True and _progress(None) is True
+    for off in ("0", "false", "no"):
+        monkeypatch.setenv("MOMKD_PROGRESS", off)
+        assert progress_enabled(cfg) is False and _progress(None) is False
+    assert _progress(True) is True  # an explicit choice wins

@@ -134,6 +134,8 @@ def _progress(progress: bool | None) -> bool:
         return progress
     import sys
 
+    if os.environ.get("MOMKD_PROGRESS", "").strip() in ("0", "false", "no"):
+        return False
     return sys.stderr.isatty()
 
 
