@@ -91,6 +91,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        grid_coords_ok=args.no_coords,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -117,10 +118,12 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from momkd._threads import set_torch_threads
     from momkd.config import load_config
     from momkd.train.runner import train
 
     cfg = load_config(args.config, overrides=args.set or [])
+    set_torch_threads(cfg.train.torch_threads)  # validated by load_config
     summary = train(cfg, out_dir=args.out, resume=args.resume)
     from momkd.train.runner import format_summary
 
@@ -143,9 +146,33 @@ def _write_report(run_dir: object) -> None:
         print(f"report: {path}")
 
 
+def _inference_threads(source: str, given: int | None) -> None:
+    """Torch threads of eval/predict: ``--torch-threads``, else the run's
+    ``train.torch_threads``, else every available core."""
+    from momkd._threads import set_torch_threads
+
+    if given is not None:
+        set_torch_threads(given, key="--torch-threads")
+        return
+    path = Path(source)
+    run_dir = path if path.is_dir() else path.parent.parent
+    saved = None
+    try:
+        import yaml
+
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        saved = raw["train"]["torch_threads"]
+    except Exception:  # noqa: BLE001 - no readable run config: use the default
+        saved = None
+    if not (isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1):
+        saved = None
+    set_torch_threads(saved)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from momkd.train.evaluate import evaluate_run, format_eval
 
+    _inference_threads(args.run_dir, args.torch_threads)
     result = evaluate_run(
         args.run_dir,
         store=args.store,
@@ -161,6 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from momkd.train.evaluate import predict
 
+    _inference_threads(args.source, args.torch_threads)
     n = predict(args.source, store=args.store, out=args.out, slides=args.slides)
     print(f"wrote predictions for {n} slides to {args.out}")
     return 0
@@ -237,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature compression: blosc-lz4+shuffle+crc32c (fast, default) or zstd+checksum",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable files")
+    p.add_argument(
+        "--no-coords",
+        action="store_true",
+        help="accept files without 'coords': lay their rows on a grid (the k-NN graph is then "
+        "arbitrary)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a complete store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
@@ -267,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clinical", required=True, help="clinical table (CSV/TSV)")
     p.add_argument("--label-column", default=None, help="label column (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval_<store>)")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="PyTorch threads (default: the run's train.torch_threads, else all cores)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="histology-only predictions for every slide of a store")
@@ -274,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="cohort store (.zarr)")
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="PyTorch threads (default: the run's train.torch_threads, else all cores)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="memory components, top patches and attention maps")

@@ -217,11 +217,11 @@ def run_demo(
 
     show = sys.stderr.isatty() if progress is None else progress
     size = QUICK if quick else DEFAULT
-    import torch
+    from momkd._threads import set_torch_threads
 
     # The demo models are small: one intra-op thread beats two on a 2-core machine where the Rust
     # loader's prefetch threads run alongside.
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     out_dir = Path(out).absolute()
     _prepare_out(out_dir)
     data = out_dir / "data"

@@ -1,4 +1,4 @@
-"""Binary classification metrics (SPEC §2.6), computed with numpy.
+"""Binary classification metrics (docs/METHOD.md §2.6), computed with numpy.
 
 Predictions are positive when ``p_pos > threshold``. At the default threshold 0.5 this is exactly
 the argmax of a two-class softmax (a tie goes to class 0, as ``argmax`` does). The definitions follow

@@ -243,6 +243,7 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "momentum": cfg.memory.momentum,
             "dead_after": cfg.memory.dead_after,
             "momentum_sources": list(cfg.memory.momentum_sources),
+            "input_residual": m.input_residual,
         }
     elif method == "abmil":
         params = {
@@ -285,6 +286,8 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         from momkd.model.momkd import ModelConfig, MoMKD
 
         params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
+        # Checkpoints written before the released residual rule always used a Linear.
+        params.setdefault("input_residual", "linear")
         model = MoMKD(ModelConfig(**params))
     elif method == "abmil":
         from momkd.model.abmil import ABMIL, ABMILConfig
@@ -481,7 +484,7 @@ class InferenceResult:
     loss : float | None
         Mean cross-entropy when labels were given.
     usage : dict | None
-        MoMKD memory usage (SPEC §8) per class memory when requested.
+        MoMKD memory usage (docs/METHOD.md §8) per class memory when requested.
     seconds : float
     """
 
@@ -925,7 +928,7 @@ class FoldTrainer:
 
     @torch.no_grad()
     def _init_memory(self) -> None:
-        """Spherical k-means initialisation of C+ and C- (SPEC §2.5) from the untrained model."""
+        """Spherical k-means initialisation of C+ and C- (docs/METHOD.md §2.5) from the untrained model."""
         per_class = int(self.cfg.memory.init_per_class)
         rng = np.random.default_rng([self.seed, 2_000_003])
         by_class = {c: [s for s in self.data.train if self.data.labels[s] == c] for c in (0, 1)}

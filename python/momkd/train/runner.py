@@ -57,6 +57,7 @@ _RUNTIME_KEYS = {
     "train.kernels",
     "train.num_threads",
     "train.prefetch",
+    "train.torch_threads",
 }
 
 _PREVIEW = 5
@@ -134,9 +135,17 @@ def _load_inputs(
     assert d.store is not None and d.clinical is not None
     store = CohortStore.open(d.store)
     table = load_clinical(
-        d.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+        d.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
     )
     _check_in_store(table, store, d.store)
+    if cfg.model.method == "momkd":  # the only method whose encoder reads the patch graph
+        store.warn_grid_coords(table.slide_ids, "method momkd")
     expression = None
     skipped: list[str] = []
     n_before = len(table)
@@ -191,7 +200,13 @@ def _load_external(
         ids = list(store.slide_ids)
         return store, ids, None, {}, {"store": str(ext.store), "slides": len(ids)}
     table = load_clinical(
-        ext.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+        ext.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
     )
     _check_in_store(table, store, ext.store)
     report = {
@@ -543,7 +558,16 @@ def _pm(mean: Mapping[str, Any], std: Mapping[str, Any], key: str) -> str:
     return f"{_fmt(mean.get(key))} ± {_fmt(std.get(key))}"
 
 
-_COLS = ("auc", "auprc", "balanced_accuracy", "f1", "thr_balanced_accuracy", "thr_f1")
+_COLS = (
+    "auc",
+    "auprc",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "thr_accuracy",
+    "thr_balanced_accuracy",
+    "thr_f1",
+)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -579,8 +603,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"skipped without expression: {skipped['slides']} slides of "
                 f"{skipped['patients']} patients"
             )
+    # Each column is as wide as its full name (names are never cut) and at least 5 wide.
+    widths = [max(5, len(c)) for c in _COLS]
     head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
-        f"{c:>9}" if len(c) <= 9 else f"{c[:9]:>9}" for c in _COLS
+        f"{c:>{w}}" for c, w in zip(_COLS, widths, strict=True)
     )
     lines.append("")
     lines.append("test metrics per fold (thr_*: at the F1 threshold chosen on validation)")
@@ -590,13 +616,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{r.get('fold', '?'):>4} {r.get('epochs', '?'):>6} {r.get('best_epoch', '?'):>4} "
             f"{_fmt((r.get('val') or {}).get('auc')):>7} {_fmt(r.get('threshold'), 2):>5} "
-            + " ".join(f"{_fmt(test.get(c)):>9}" for c in _COLS)
+            + " ".join(f"{_fmt(test.get(c)):>{w}}" for c, w in zip(_COLS, widths, strict=True))
         )
     mean, std = summary.get("mean") or {}, summary.get("std") or {}
     lines.append("")
     lines.append(
         "mean ± std (ddof 1): "
-        + ", ".join(f"{c} {_pm(mean, std, c)}" for c in ("auc", "auprc", "balanced_accuracy", "f1"))
+        + ", ".join(
+            f"{c} {_pm(mean, std, c)}"
+            for c in ("auc", "auprc", "accuracy", "balanced_accuracy", "f1")
+        )
     )
     ext = summary.get("external")
     if ext:

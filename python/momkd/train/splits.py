@@ -1,4 +1,4 @@
-"""Patient-level, label-stratified k-fold splits (SPEC §1.2, §2.6).
+"""Patient-level, label-stratified k-fold splits (docs/METHOD.md §1.2, §2.6).
 
 Every patient lands in exactly one test fold; the validation set of a fold is a stratified
 ``val_fraction`` of the remaining patients, and the rest is the training set. All slides of a
