@@ -15,8 +15,9 @@
 # Needs Python >= 3.11 and a Rust toolchain. The build tools (maturin, ziglang, twine, auditwheel)
 # are installed into their own environment, MOMKD_BUILD_VENV (default .venv-build). The aarch64
 # wheel also needs the Rust standard library for aarch64-unknown-linux-gnu
-# (`rustup target add aarch64-unknown-linux-gnu`); without it that wheel is skipped with a message,
-# or the script fails when MOMKD_REQUIRE_ALL=1.
+# (`rustup target add aarch64-unknown-linux-gnu`, or RUSTC pointing at any rustc >= 1.91 whose
+# sysroot has it); without it that wheel is skipped with a message, or the script fails when
+# MOMKD_REQUIRE_ALL=1. CARGO_TARGET_DIR is honoured (cross builds land in <dir>/<triple>/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -319,12 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as exc:
         # `pip install momkd` carries what inference needs; training-side modules come with extras.
-        extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
-        if extra is None:
+        needed = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if needed is None:
             raise
+        package, extra = needed
         print(
-            f"momkd {args.command}: error: needs the '{exc.name}' module: "
-            f"pip install 'momkd[{extra}]'",
+            f"momkd {args.command}: error: needs {package}: pip install 'momkd[{extra}]'",
             file=sys.stderr,
         )
         return 2
@@ -333,8 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-# Optional modules and the extra that installs each (see pyproject.toml).
-_EXTRA_OF = {"sklearn": "train", "matplotlib": "train", "xgboost": "xgboost", "pyarrow": "parquet"}
+# Optional modules: the package and the extra that install each (see pyproject.toml).
+_EXTRA_OF = {
+    "sklearn": ("scikit-learn", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "xgboost": ("xgboost", "xgboost"),
+    "pyarrow": ("pyarrow", "parquet"),
+}
 
 
 def _one_line(exc: BaseException) -> str:
