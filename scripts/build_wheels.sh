@@ -39,10 +39,10 @@ fi
 "$BUILD_VENV/bin/python" -m pip install --quiet \
   "maturin>=1.9.4,<2" "ziglang>=0.13,<0.18" "twine>=6.1" "auditwheel>=6.1"
 # maturin finds zig through the interpreter it runs under (`python -m ziglang`).
-export PATH="$PWD/$BUILD_VENV/bin:$PATH"
+PATH="$(cd "$BUILD_VENV/bin" && pwd):$PATH"
+export PATH
 
 mkdir -p "$OUT"
-rm -f "$OUT"/momkd-"$version"-*.whl "$OUT"/momkd-"$version".tar.gz
 
 has_std() {
   # True when the active rustc has a standard library for the target triple $1.
@@ -64,10 +64,12 @@ build_linux_wheel() {
     return 0
   fi
   say "building the manylinux_2_28 $arch wheel"
+  rm -f "$OUT/momkd-$version-cp311-abi3-manylinux_2_28_$arch.whl"
   maturin build --release --locked --zig --compatibility manylinux_2_28 \
     --target "$triple" --out "$OUT"
   local wheel
-  wheel="$(ls "$OUT"/momkd-"$version"-cp311-abi3-manylinux_2_28_"$arch".whl)"
+  wheel="$OUT/momkd-$version-cp311-abi3-manylinux_2_28_$arch.whl"
+  [ -f "$wheel" ] || die "maturin did not write $wheel"
   # auditwheel inspects the ELF files inside the wheel: every versioned glibc symbol and every
   # linked library must be allowed by the manylinux_2_28 policy.
   auditwheel show "$wheel" | tee "$OUT/auditwheel-$arch.txt"
@@ -81,6 +83,7 @@ for target in $TARGETS; do
     x86_64 | aarch64) build_linux_wheel "$target" ;;
     sdist)
       say "building the sdist"
+      rm -f "$OUT/momkd-$version.tar.gz"
       maturin sdist --out "$OUT"
       built+=("$OUT/momkd-$version.tar.gz")
       ;;
