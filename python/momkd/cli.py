@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from momkd import __version__
+
 log = logging.getLogger("momkd")
 
 
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="momkd",
         description="MoMKD: genomics-guided training of histology-only slide classifiers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -360,9 +363,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         print(f"momkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        # `pip install momkd` carries what inference needs; training-side modules come with extras.
+        needed = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if needed is None:
+            raise
+        package, extra = needed
+        print(
+            f"momkd {args.command}: error: needs {package}: pip install 'momkd[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"momkd {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# Optional modules: the package and the extra that install each (see pyproject.toml).
+_EXTRA_OF = {
+    "sklearn": ("scikit-learn", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "xgboost": ("xgboost", "xgboost"),
+    "pyarrow": ("pyarrow", "parquet"),
+}
 
 
 def _one_line(exc: BaseException) -> str:
