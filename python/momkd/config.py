@@ -126,6 +126,11 @@ class SplitsConfig:
     dir: Path | None = _f(
         None, "folder of user split files splits_<i>.csv (columns train,val,test)"
     )
+    train_fraction: float = _f(
+        1.0,
+        "share of each fold's training patients used (stratified, seeded, nested across "
+        "fractions; validation and test sets unchanged): learning curves",
+    )
 
 
 @dataclass
@@ -226,8 +231,11 @@ class TrainConfig:
         None, "random subsample of patches per bag in training (null: all)"
     )
     folds: list[int] | None = _f(None, "folds to run (null: all)")
-    bootstrap: int = _f(0, "bootstrap resamples for the AUC 95% CI (0: off)")
+    bootstrap: int = _f(0, "bootstrap resamples for a per-fold test AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
+    ci_resamples: int = _f(
+        2000, "stratified bootstrap resamples for the pooled test/external AUC 95% CIs (0: off)"
+    )
 
 
 @dataclass
@@ -545,6 +553,11 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(s.k >= 2, "splits.k", f"must be >= 2, got {s.k}")
     require(s.seed >= 0, "splits.seed", f"must be >= 0, got {s.seed}")
     require(0.0 <= s.val_fraction < 1.0, "splits.val_fraction", "must be in [0, 1)")
+    require(
+        0.0 < s.train_fraction <= 1.0,
+        "splits.train_fraction",
+        f"must be in (0, 1], got {s.train_fraction}",
+    )
     require(g.n_genes >= 1, "genomics.n_genes", f"must be >= 1, got {g.n_genes}")
     require(
         g.selection != "list" or g.gene_list is not None,
@@ -616,6 +629,7 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(set(t.folds)) == len(t.folds), "train.folds", "contains duplicates")
     require(t.bootstrap >= 0, "train.bootstrap", "must be >= 0")
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    require(t.ci_resamples >= 0, "train.ci_resamples", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------- public entries
