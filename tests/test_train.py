@@ -399,3 +399,35 @@ def test_pooled_ci_and_patient_level_from_prediction_csvs(
 
     text = (out / "summary.txt").read_text()
     assert "pooled test predictions" in text and "95% CI" in text and "patient level" in text
+
+
+def test_report_shows_pooled_cis_and_patient_level(run: tuple[Path, dict]) -> None:
+    import re
+
+    from momkd.report import write_report
+
+    out, summary = run
+    text = write_report(out).read_text()
+    cells = {
+        (fold, metric): float(value)
+        for fold, metric, value in re.findall(
+            r'data-table="pooled" data-fold="([^"]+)" data-metric="([^"]+)" '
+            r'data-value="([^"]+)"',
+            text,
+        )
+    }
+    patient = summary["patient"]
+    expected = {
+        ("test, slides", "auc"): summary["pooled"]["auc"],
+        ("test, slides", "auc_ci_low"): summary["ci"]["auc"][0],
+        ("test, slides", "auc_ci_high"): summary["ci"]["auc"][1],
+        ("test, patients", "auc"): patient["pooled"]["auc"],
+        ("test, patients", "n"): patient["pooled"]["n"],
+        ("test, patients", "auc_ci_low"): patient["ci"]["auc"][0],
+        ("external ensemble, slides", "auc_ci_high"): summary["external"]["ci"]["auc"][1],
+        ("external ensemble, patients", "auc"): patient["external"]["ensemble"]["auc"],
+    }
+    for key, value in expected.items():
+        assert cells[key] == pytest.approx(value), key
+    # The per-fold patient-level table.
+    assert 'data-table="patient" data-fold="fold 1" data-metric="auc"' in text

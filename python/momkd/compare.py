@@ -445,14 +445,32 @@ def _aligned(
 
 
 def _paired(
-    preds: Mapping[str, _Predictions], resamples: int, seed: int, what: str
+    preds: Mapping[str, _Predictions],
+    resamples: int,
+    seed: int,
+    what: str,
+    patients: Mapping[str, _Predictions] | None = None,
 ) -> list[dict[str, Any]]:
+    """Every pair in order. With ``patients``, a pair whose rows differ but whose patients agree
+    (one run with slide bags, the other with patient bags) is left to the patient level."""
     from momkd.metrics import paired_auc_test
 
     names = list(preds)
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
+            if (
+                patients is not None
+                and set(preds[a].ids) != set(preds[b].ids)
+                and set(patients[a].ids) == set(patients[b].ids)
+            ):
+                log.warning(
+                    "compare: %s and %s predict different rows for the same patients "
+                    "(slide vs patient bags); compared at patient level only",
+                    a,
+                    b,
+                )
+                continue
             y, pa, pb = _aligned(preds[a], preds[b], a, b, what)
             res = paired_auc_test(y, pa, pb, n=max(resamples, 1), seed=seed)
             if resamples <= 0:
@@ -549,7 +567,7 @@ def summarise_runs(
         methods[name] = entry
     result: dict[str, Any] = {
         "methods": methods,
-        "paired": _paired(tests, resamples, seed, "test predictions"),
+        "paired": _paired(tests, resamples, seed, "test predictions", patients),
         "paired_patient": _paired(patients, resamples, seed, "patient-level test predictions"),
         "paired_external": (
             _paired(externals, resamples, seed, "external predictions")
@@ -722,6 +740,10 @@ def _forest_plot(result: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
 def _curve_plot(result: Mapping[str, Any], path: Path) -> Path | None:
     from momkd.report import _FOLD_COLOURS, _new_figure, _save
 
@@ -730,24 +752,19 @@ def _curve_plot(result: Mapping[str, Any], path: Path) -> Path | None:
         return None
     fig = _new_figure(7.5, 4.8)
     ax = fig.subplots()
+    n_methods = len(lc["methods"])
     for i, (name, points) in enumerate(lc["methods"].items()):
         colour = _FOLD_COLOURS[i % len(_FOLD_COLOURS)]
-        x = [pt["fraction"] for pt in points]
-        y = [pt["pooled_auc"]["value"] for pt in points]
-        lo = [pt["pooled_auc"]["ci_low"] for pt in points]
-        hi = [pt["pooled_auc"]["ci_high"] for pt in points]
-        ax.plot(x, y, "o-", color=colour, label=name)
-        ok = [j for j in range(len(x)) if lo[j] is not None and hi[j] is not None]
-        if ok and all(math.isfinite(lo[j]) and math.isfinite(hi[j]) for j in ok):
-            ax.fill_between(
-                [x[j] for j in ok],
-                [lo[j] for j in ok],
-                [hi[j] for j in ok],
-                color=colour,
-                alpha=0.15,
-            )
+        # Small horizontal offsets keep overlapping error bars apart.
+        shift = 0.012 * (i - (n_methods - 1) / 2)
+        x = np.array([pt["fraction"] for pt in points]) + shift
+        y = np.array([pt["pooled_auc"]["value"] for pt in points], dtype=np.float64)
+        lo = np.array([_nan(pt["pooled_auc"]["ci_low"]) for pt in points])
+        hi = np.array([_nan(pt["pooled_auc"]["ci_high"]) for pt in points])
+        err = np.vstack([y - lo, hi - y])
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o-", color=colour, capsize=3, label=name)
     ax.set_xlabel("share of each fold's training patients")
-    ax.set_ylabel("pooled test AUC (95% CI band)")
+    ax.set_ylabel("pooled test AUC (95% CI)")
     ax.set_xticks(lc["fractions"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

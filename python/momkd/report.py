@@ -602,13 +602,6 @@ def _external_section(summary: Mapping[str, Any], folds: Sequence[Mapping[str, A
     return _metric_table("external", per_fold, METRIC_LABELS, mean, std, extra)
 
 
-def _ci_cell(ci: Any) -> str:
-    if not isinstance(ci, Mapping) or not isinstance(ci.get("auc"), list) or len(ci["auc"]) != 2:
-        return "<td>n/a</td>"
-    low, high = ci["auc"]
-    return f'<td data-ci-low="{_e(low)}" data-ci-high="{_e(high)}">{_fmt(low)} – {_fmt(high)}</td>'
-
-
 def _pooled_section(summary: Mapping[str, Any]) -> str:
     """Pooled AUCs with CIs (slide and patient level) and the per-fold patient-level table."""
     pooled = summary.get("pooled")
@@ -623,12 +616,24 @@ def _pooled_section(summary: Mapping[str, Any]) -> str:
     def row(name: str, metrics: Any, ci: Any, mean: Any, std: Any) -> None:
         if not isinstance(metrics, Mapping) or not metrics:
             return
+        low = high = None
+        if isinstance(ci, Mapping) and isinstance(ci.get("auc"), list) and len(ci["auc"]) == 2:
+            low, high = ci["auc"]
         m, sd = _num((mean or {}).get("auc")), _num((std or {}).get("auc"))
         spread = "" if m is None else _fmt(m) + ("" if sd is None else f" ± {_fmt(sd)}")
         rows.append(
-            f'<tr data-row="{_e(name)}"><td>{_e(name)}</td><td>{_fmt(metrics.get("n"))}</td>'
-            f"<td>{_fmt(metrics.get('n_pos'))}</td><td>{_fmt(metrics.get('auc'))}</td>"
-            f"{_ci_cell(ci)}<td>{spread}</td><td>{_fmt(metrics.get('auprc'))}</td></tr>"
+            f"<tr><td>{_e(name)}</td>"
+            + "".join(
+                _cell(v, name, k, "pooled")
+                for k, v in (
+                    ("n", metrics.get("n")),
+                    ("n_pos", metrics.get("n_pos")),
+                    ("auc", metrics.get("auc")),
+                    ("auc_ci_low", low),
+                    ("auc_ci_high", high),
+                )
+            )
+            + f"<td>{spread}</td>{_cell(metrics.get('auprc'), name, 'auprc', 'pooled')}</tr>"
         )
 
     row("test, slides", pooled, summary.get("ci"), summary.get("mean"), summary.get("std"))
@@ -657,7 +662,8 @@ def _pooled_section(summary: Mapping[str, Any]) -> str:
     )
     out = [
         '<table class="pooled"><thead><tr><th>predictions</th><th>n</th><th>positive</th>'
-        "<th>pooled AUC</th><th>95% CI</th><th>AUC mean ± std over folds</th>"
+        "<th>pooled AUC</th><th>95% CI low</th><th>95% CI high</th>"
+        "<th>AUC mean ± std over folds</th>"
         "<th>pooled AUPRC</th></tr></thead><tbody>",
         *rows,
         "</tbody></table>",
