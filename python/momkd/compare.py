@@ -36,7 +36,8 @@ the pooled test predictions of all folds (every method predicts exactly the same
 checked). The CI is a paired stratified bootstrap (the same resamples for both methods), the
 p-value DeLong's test (:func:`momkd.metrics.paired_auc_test`).
 
-A rerun with the same arguments skips finished runs (a ``summary.json`` with an unchanged
+Runs whose rows differ but whose patients agree (``data.bag: slide`` against ``data.bag: patient``)
+are compared at patient level only. A rerun with the same arguments skips finished runs (a ``summary.json`` with an unchanged
 configuration) and resumes unfinished ones from their last epoch.
 """
 
@@ -97,7 +98,9 @@ class MethodSpec:
 
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets and braces."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[{":
             depth += 1

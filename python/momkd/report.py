@@ -608,10 +608,12 @@ def _pooled_section(summary: Mapping[str, Any]) -> str:
     patient = summary.get("patient")
     if not isinstance(pooled, Mapping) and not isinstance(patient, Mapping):
         return ""
-    patient = patient if isinstance(patient, Mapping) else {}
-    ext = summary.get("external") if isinstance(summary.get("external"), Mapping) else {}
-    p_ext = patient.get("external") if isinstance(patient.get("external"), Mapping) else {}
-    rows = []
+    if not isinstance(patient, Mapping):
+        patient = {}
+    ext_raw, p_ext_raw = summary.get("external"), patient.get("external")
+    ext: Mapping[str, Any] = ext_raw if isinstance(ext_raw, Mapping) else {}
+    p_ext: Mapping[str, Any] = p_ext_raw if isinstance(p_ext_raw, Mapping) else {}
+    rows: list[str] = []
 
     def row(name: str, metrics: Any, ci: Any, mean: Any, std: Any) -> None:
         if not isinstance(metrics, Mapping) or not metrics:

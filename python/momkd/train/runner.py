@@ -520,7 +520,11 @@ def _pooled_and_patient(
     cfg: RunConfig, run_dir: Path, results: list[dict[str, Any]], folds: list[int]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Pooled slide-level metrics with CI, and the patient-level block (without external)."""
-    ys, ps, pat_y, pat_p, pat_folds = [], [], [], [], []
+    ys: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    pat_y: list[np.ndarray] = []
+    pat_p: list[np.ndarray] = []
+    pat_folds: list[dict[str, Any]] = []
     for fold, r in zip(folds, results, strict=True):
         slides, cases, y, p = read_prediction_table(
             run_dir / f"fold_{fold}" / "test_predictions.csv"
