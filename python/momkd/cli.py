@@ -218,6 +218,32 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from momkd.compare import format_comparison, run_compare
+
+    result = run_compare(
+        args.config,
+        args.methods,
+        args.out,
+        overrides=args.set or [],
+        train_fractions=args.train_fraction,
+        resamples=args.resamples,
+    )
+    print(format_comparison(result))
+    print(f"comparison: {Path(args.out) / 'comparison.html'}")
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from momkd.demo import run_demo
 
@@ -297,6 +323,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "compare",
+        help="train several methods on identical splits; paired tests, CIs, learning curve",
+    )
+    p.add_argument("--config", required=True, help="YAML run configuration shared by the methods")
+    p.add_argument(
+        "--methods",
+        required=True,
+        help="comma-separated METHOD[:KEY=VALUE...] entries, e.g. "
+        "momkd,momkd:memory.update=momentum,abmil",
+    )
+    p.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key for every method"
+    )
+    p.add_argument(
+        "--train-fraction",
+        default=None,
+        metavar="F[,F...]",
+        help="learning curve: shares of each fold's training patients, e.g. 0.25,0.5,1.0",
+    )
+    p.add_argument(
+        "--resamples",
+        type=_non_negative_int,
+        default=None,
+        help="bootstrap resamples of the CIs (default: train.ci_resamples; 0: off)",
+    )
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("eval", help="evaluate a run's fold models on a labelled cohort")
     p.add_argument("run_dir", help="run directory written by `momkd train`")

@@ -142,6 +142,11 @@ class SplitsConfig:
     dir: Path | None = _f(
         None, "folder of user split files splits_<i>.csv (columns train,val,test)"
     )
+    train_fraction: float = _f(
+        1.0,
+        "share of each fold's training patients used (stratified, seeded, nested across "
+        "fractions; validation and test sets unchanged): learning curves",
+    )
 
 
 @dataclass
@@ -247,7 +252,7 @@ class TrainConfig:
         None, "random subsample of patches per bag in training (null: all)"
     )
     folds: list[int] | None = _f(None, "folds to run (null: all)")
-    bootstrap: int = _f(0, "bootstrap resamples for the AUC 95% CI (0: off)")
+    bootstrap: int = _f(0, "bootstrap resamples for a per-fold test AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
     monitor: Literal["val_loss", "val_auc"] = _f(
         "val_loss",
@@ -258,6 +263,9 @@ class TrainConfig:
     )
     torch_threads: int | None = _f(
         None, "PyTorch intra-op threads of train, eval and predict (null: all available cores)"
+    )
+    ci_resamples: int = _f(
+        2000, "stratified bootstrap resamples for the pooled test/external AUC 95% CIs (0: off)"
     )
 
 
@@ -596,6 +604,11 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(s.k >= 2, "splits.k", f"must be >= 2, got {s.k}")
     require(s.seed >= 0, "splits.seed", f"must be >= 0, got {s.seed}")
     require(0.0 <= s.val_fraction < 1.0, "splits.val_fraction", "must be in [0, 1)")
+    require(
+        0.0 < s.train_fraction <= 1.0,
+        "splits.train_fraction",
+        f"must be in (0, 1], got {s.train_fraction}",
+    )
     require(g.n_genes >= 1, "genomics.n_genes", f"must be >= 1, got {g.n_genes}")
     require(
         g.selection != "list" or g.gene_list is not None,
@@ -673,6 +686,7 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
     require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
     require(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1")
+    require(t.ci_resamples >= 0, "train.ci_resamples", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------- public entries
