@@ -325,8 +325,8 @@ def _load(
     feats, coords, attrs = read_source(src, key, allow_missing_coords=allow_grid)
     gridded = coords is None
     if coords is None:
-        shape = getattr(feats, "shape", ())
-        coords = grid_coords(int(shape[0]) if len(shape) == 2 else 0)
+        # a malformed features array is reported by prepare_bag below
+        coords = grid_coords(int(feats.shape[0]) if np.ndim(feats) == 2 else 0)
     feats16, coords32 = prepare_bag(feats, coords, dtype=dtype, name=str(src.path))
     size = src.path.stat().st_size
     return feats16, coords32, attrs, size, gridded
