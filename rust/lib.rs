@@ -25,8 +25,8 @@ mod _core {
 
     #[pymodule_export]
     use super::py::{
-        check_finite, knn_graph, to_float16_checked, IngestError, MomkdError, PyBagPrefetcher,
-        PyStore, StoreError,
+        bag_rows, check_finite, knn_graph, to_float16_checked, IngestError, MomkdError,
+        PyBagPrefetcher, PyStore, StoreError,
     };
 
     #[pymodule_init]
