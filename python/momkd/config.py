@@ -114,6 +114,11 @@ class DataConfig:
         None, "optional external cohort: {store: ..., clinical: ...}"
     )
     skip_missing: bool = _f(False, "skip (and count) slides without expression instead of failing")
+    cache: Literal["none", "host", "device", "auto"] = _f(
+        "none",
+        "cohort cache after the first epoch: none, host (RAM), device (GPU memory) or auto",
+    )
+    cache_gb: float | None = _f(None, "upper limit of the cohort cache in GB (null: no limit)")
 
 
 @dataclass
@@ -228,6 +233,10 @@ class TrainConfig:
     folds: list[int] | None = _f(None, "folds to run (null: all)")
     bootstrap: int = _f(0, "bootstrap resamples for the AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
+    feature_dtype: Literal["auto", "float32", "float16"] = _f(
+        "auto",
+        "type the loader hands features over in (auto: float16 on CUDA, converted on the device)",
+    )
 
 
 @dataclass
@@ -616,6 +625,9 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(set(t.folds)) == len(t.folds), "train.folds", "contains duplicates")
     require(t.bootstrap >= 0, "train.bootstrap", "must be >= 0")
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    require(
+        cfg.data.cache_gb is None or cfg.data.cache_gb > 0, "data.cache_gb", "must be > 0 or null"
+    )
 
 
 # --------------------------------------------------------------------------------- public entries
