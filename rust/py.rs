@@ -134,6 +134,8 @@ impl From<Error> for PyErr {
 /// Add the dual-base exception classes and `__version__` to the module.
 pub fn init_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    #[cfg(feature = "mimalloc")]
+    crate::tune_allocator();
     m.add("SlideNotFoundError", slide_not_found_error(py)?)?;
     m.add("DataError", data_error(py)?)?;
     m.add("ConfigError", config_error(py)?)?;
