@@ -191,3 +191,34 @@ def test_device_cache_is_bit_identical(stores, max_patches):
             assert s1 == s2 and torch.equal(f1, f2.cpu()) and torch.equal(c1, c2)
             assert torch.equal(e1, e2.cpu())
     assert cache.hits == 2 * len(SIZES)
+
+
+def test_config_keys():
+    from momkd.config import load_config
+    from momkd.train.loop import feature_dtype_for
+
+    cfg = load_config(None, ["data.cache=auto", "data.cache_gb=12.5"])
+    assert cfg.data.cache == "auto" and cfg.data.cache_gb == 12.5
+    assert load_config(None).data.cache == "none"
+    with pytest.raises(ConfigError, match="data.cache_gb"):
+        load_config(None, ["data.cache_gb=0"])
+    with pytest.raises(ConfigError, match="data.cache"):
+        load_config(None, ["data.cache=gpu"])
+    auto = load_config(None)
+    assert feature_dtype_for(auto, torch.device("cuda")) == "float16"
+    assert feature_dtype_for(auto, torch.device("cpu")) == "float32"
+    forced = load_config(None, ["train.feature_dtype=float16"])
+    assert feature_dtype_for(forced, torch.device("cpu")) == "float16"
+
+
+def test_collate_widens_float16_on_the_device(stores):
+    from momkd.train.loop import collate
+
+    store = CohortStore.open(stores["float16"][0])
+    half = list(BagLoader(store, dtype="float16", knn_k=3))[:3]
+    full = list(BagLoader(store, dtype="float32", knn_k=3))[:3]
+    for n in (1, 3):
+        fh, eh, oh = collate(half[:n], torch.device("cpu"), graph=True)
+        ff, ef, of = collate(full[:n], torch.device("cpu"), graph=True)
+        assert fh.dtype == torch.float32 and torch.equal(fh, ff) and torch.equal(eh, ef)
+        assert (oh is None and of is None) or torch.equal(oh, of)
