@@ -71,6 +71,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
+        if bench.stats is None or not getattr(bench.stats, "data", None):
+            continue  # a benchmark whose test failed or skipped before timing
         groups.setdefault(bench.group or "", []).append(bench)
     tr = terminalreporter
     tr.section("momkd benchmark ratios (median times; >1 means momkd is faster)")
