@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -230,7 +231,10 @@ class BagCache:
         self.store_path = store.path
         self.kind = kind
         self.budget_bytes = int(budget_bytes)
-        self.device = torch.device(device) if kind == "device" else torch.device("cpu")
+        if kind == "device":
+            self.device = torch.device("cuda" if device is None else device)
+        else:
+            self.device = torch.device("cpu")
         self.dtype = str(store.dtype)
         self._bags: dict[int, CachedBag] = {}
         self._nbytes = 0
@@ -316,11 +320,20 @@ class BagCache:
         The rows kept by ``max_patches`` are those of :func:`momkd._core.bag_rows` (the store
         reader's), and the k-NN graph is built on the kept coordinates, as the loader does.
         """
+        return self.serve_entry(
+            index,
+            lambda entry, i: serve_bag(
+                entry, i, max_patches=max_patches, seed=seed, epoch=epoch, knn_k=knn_k, dtype=dtype
+            ),
+        )
+
+    def serve_entry(
+        self, index: int, serve: Callable[[CachedBag, int], tuple[Any, Any, Any]]
+    ) -> tuple[Any, Any, Any]:
+        """``serve(entry, index)`` on the cached bag ``index``, counting any graph it adds."""
         entry = self._bags[index]
         known = set(entry.edges)
-        out = serve_bag(
-            entry, index, max_patches=max_patches, seed=seed, epoch=epoch, knn_k=knn_k, dtype=dtype
-        )
+        out = serve(entry, index)
         with self._lock:
             for k in set(entry.edges) - known:  # a graph built for a new k is kept
                 self._nbytes += entry.edges[k].numel() * 8

@@ -320,18 +320,23 @@ class BagLoader:
                 dtype=cache.dtype,
                 readahead=self.readahead,
             )
-        settings = {
-            "max_patches": self.max_patches,
-            "seed": self.seed,
-            "epoch": epoch,
-            "knn_k": self.knn_k,
-            "dtype": self.dtype,
-        }
+
+        def serve(entry: CachedBag, index: int) -> tuple[Any, Any, Any]:
+            return serve_bag(
+                entry,
+                index,
+                max_patches=self.max_patches,
+                seed=self.seed,
+                epoch=epoch,
+                knn_k=self.knn_k,
+                dtype=self.dtype,
+            )
+
         pin = self.pin_memory and torch.cuda.is_available() and cache.kind == "host"
         for pos, expected in zip(positions, store_indices, strict=True):
             if expected in cached:
                 cache.hits += 1
-                feats, coords, edges = cache.serve(expected, **settings)
+                feats, coords, edges = cache.serve_entry(expected, serve)
             else:
                 assert prefetcher is not None
                 index, f, c, e = next(prefetcher)
@@ -339,7 +344,7 @@ class BagLoader:
                     raise RuntimeError(f"BagLoader: expected slide index {expected}, got {index}")
                 cache.misses += 1
                 if cache.put(index, f, c, e, self.knn_k):
-                    feats, coords, edges = cache.serve(index, **settings)
+                    feats, coords, edges = cache.serve_entry(index, serve)
                 else:  # over the cache's budget: serve this read alone
                     whole = CachedBag(
                         features=torch.from_numpy(f).to(cache.device),
@@ -347,7 +352,7 @@ class BagLoader:
                     )
                     if e is not None and self.knn_k is not None:
                         whole.edges[self.knn_k] = torch.from_numpy(e).to(cache.device)
-                    feats, coords, edges = serve_bag(whole, index, **settings)
+                    feats, coords, edges = serve(whole, index)
             bag = Bag(
                 slide_id=self.slide_ids[pos],
                 index=expected,

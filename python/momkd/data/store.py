@@ -546,14 +546,14 @@ class StoreWriter:
             # written too (zarr-python skips them by default).
             "config": {"write_empty_chunks": True},
         }
-        sharded = self._shard_rows is not None
+        shard = self._shard_rows
         self._feat = zarr.create_array(
             store,
             name="features",
             shape=(0, self._dim),
             dtype=self._dtype,
             chunks=(self._rows, self._dim),
-            shards=(self._shard_rows, self._dim) if sharded else None,
+            shards=None if shard is None else (shard, self._dim),
             **{**common, "compressors": _feature_compressors(self._codec, self._dtype)},
         )
         self._coord = zarr.create_array(
@@ -562,7 +562,7 @@ class StoreWriter:
             shape=(0, 2),
             dtype="int32",
             chunks=(self._rows, 2),
-            shards=(self._shard_rows, 2) if sharded else None,
+            shards=None if shard is None else (shard, 2),
             **common,
         )
         self._off = zarr.create_array(
