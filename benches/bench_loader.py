@@ -1,25 +1,41 @@
-"""Whole-bag read throughput: momkd's Rust loader against what users run today.
+"""Whole-bag read throughput, the way training consumes bags: each bag is used and released before
+the next one (consume-and-drop), with the files in the page cache (``warm``) and with the page cache
+dropped before every timed pass (``cold``).
 
-All contenders read the same bags in the same random order (features and coordinates, decoded to
-float32 numpy arrays) from the same cohort in their own layout:
+All contenders read the same bags in the same random order (features decoded to float32 numpy
+arrays, plus the coordinates) from the same cohort in their own layout:
 
-* ``momkd``            — ``momkd.BagLoader`` (Rust, zarrs, own thread pool, prefetch) on the store;
-* ``zarr-python``      — zarr-python slicing the same store (rows of one slide per read);
-* ``h5py-trident``     — h5py on TRIDENT-layout ``.h5`` (float32, one HDF5 chunk per patch row);
-* ``torch-load-pt``    — ``torch.load`` of CLAM-style ``.pt`` tensors (float32, features only);
-* ``codec-ceiling``    — only reading the store's chunk files and decoding them with the codec
-  libraries (numcodecs blosc/zstd, google-crc32c; same thread count), no float32 conversion and no
-  copy into bags: an upper bound for any reader of this store.
+* ``raw-read-ceiling`` — the store's own feature and coordinate chunk files of every bag read raw
+  (no decoding) by ``MOMKD_BENCH_IO_THREADS`` threads (default 16): what the storage delivers;
+* ``decode-ceiling``   — the feature chunks read and decoded with the codec libraries alone
+  (numcodecs blosc/zstd, google-crc32c; same thread count as momkd), no float32 conversion and no
+  copy into bags: an upper bound for any reader of this store on these cores;
+* ``momkd``            — ``momkd.BagLoader`` (Rust, zarrs, own thread pool, read-ahead, prefetch);
+* ``momkd-float16``    — the same loader handing over float16 (``dtype="float16"``, half the bytes);
+* ``momkd-zstd`` / ``momkd-none`` / ``momkd-sharded`` — the loader on the same bags stored with
+  ``--codec zstd``, ``--codec none`` (crc32c only) and ``--shard-mb 64`` (the codec and layout
+  choices, side by side);
+* ``zarr-python``      — zarr-python slicing the default store (rows of one slide per read);
+* ``h5py-trident``     — h5py on TRIDENT-layout ``.h5`` (float32);
+* ``torch-load-pt``    — ``torch.load`` of CLAM-style ``.pt`` tensors (float32, features only).
 
-Run with ``bash scripts/dev.sh bench`` (or ``pytest benches --benchmark-only``). Every contender's
-output is checked against the others after timing. Throughput is reported as float32-equivalent
-GB/s (patches x D x 4 bytes per second) so the layouts compare on the same amount of delivered data.
+Throughput is float32-equivalent GB/s (patches x D x 4 bytes per second), so layouts compare on the
+same delivered data; ``disk GB/s`` divides the bytes each contender's files hold on disk instead.
+
+The cold case writes ``3`` to ``/proc/sys/vm/drop_caches`` (after ``sync``) before each timed round,
+which needs root; without that permission the cold benchmarks skip with the reason. The machine's
+page cache is then dropped for every process on it, so run cold benchmarks on a quiet machine.
+
+Run with ``bash scripts/dev.sh bench -k loader`` (size through ``MOMKD_BENCH_SLIDES`` etc., see
+``benches/conftest.py``). Every contender's output is checked against the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,13 +43,51 @@ import numpy as np
 import pytest
 
 THREADS = int(os.environ.get("MOMKD_BENCH_THREADS", min(4, os.cpu_count() or 1)))
+IO_THREADS = int(os.environ.get("MOMKD_BENCH_IO_THREADS", 16))
 ROUNDS = int(os.environ.get("MOMKD_BENCH_ROUNDS", 3))
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+# Alternative stores written next to the benchmark cohort from its TRIDENT files (same bags).
+VARIANTS = {
+    "zstd": {"codec": "zstd"},
+    "none": {"codec": "none"},
+    "sharded": {"codec": "lz4", "shard_mb": 64},
+}
 
 
 def _dir_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _cold_unavailable() -> str | None:
+    """Why the page cache cannot be dropped here (``None`` when it can)."""
+    if not DROP_CACHES.exists():
+        return f"{DROP_CACHES} does not exist (not Linux?)"
+    if not os.access(DROP_CACHES, os.W_OK):
+        return f"no permission to write {DROP_CACHES} (cold reads need root)"
+    return None
+
+
+def drop_page_cache() -> None:
+    """Flush dirty pages and drop the page cache (clean pages, dentries and inodes)."""
+    subprocess.run(["sync"], check=True)
+    DROP_CACHES.write_text("3\n")
+
+
+def _variant_store(root: Path, name: str) -> Path | None:
+    """Write (once) the ``name`` variant of the cohort store; ``None`` when it cannot be written."""
+    from momkd.data.ingest import ingest
+
+    path = root / f"cohort_{name}.zarr"
+    if (path / "zarr.json").exists():
+        return path
+    try:
+        ingest(root / "h5", path, progress=False, overwrite=True, **VARIANTS[name])
+    except TypeError:  # an ingest without this option (older momkd)
+        return None
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -47,86 +101,123 @@ def setup(bench_cohort):
     order = [ids[i] for i in np.random.default_rng(7).permutation(len(ids))[:n]]
     sizes = dict(zip(ids, store.bag_sizes.tolist(), strict=True))
     patches = sum(sizes[s] for s in order)
-    f32_bytes = patches * store.feature_dim * 4
+    stores = {"default": root / "cohort.zarr"}
+    for name in VARIANTS:
+        path = _variant_store(root, name)
+        if path is not None:
+            stores[name] = path
+    disk = {name: _dir_bytes(path) for name, path in stores.items()}
+    disk["h5"] = sum(_dir_bytes(root / "h5" / f"{s}.h5") for s in order)
+    disk["pt"] = sum(_dir_bytes(root / "pt" / f"{s}.pt") for s in order)
+    if len(order) < len(ids):  # stores hold every slide; count the share of the bags read
+        for name in stores:
+            disk[name] = int(disk[name] * patches / store.n_patches)
     return {
         "root": root,
         "store": store,
+        "stores": stores,
         "order": order,
-        "f32_bytes": f32_bytes,
-        "disk": {
-            "store": _dir_bytes(root / "cohort.zarr"),
-            "h5": sum(_dir_bytes(root / "h5" / f"{s}.h5") for s in ids),
-            "pt": sum(_dir_bytes(root / "pt" / f"{s}.pt") for s in ids),
-        },
+        "f32_bytes": patches * store.feature_dim * 4,
+        "disk": disk,
     }
 
 
-def _run(benchmark, fn, setup, disk_key):
-    result = benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["gbps_f32"] = setup["f32_bytes"] / median / 1e9
-    benchmark.extra_info["bytes_on_disk"] = setup["disk"][disk_key]
-    benchmark.extra_info["bags"] = len(setup["order"])
-    benchmark.extra_info["threads"] = THREADS
-    return result
-
-
-def _checksum(arrays) -> float:
-    # Cheap content fingerprint: sums of a few rows per bag, so results can be compared afterwards.
-    return float(sum(np.float64(a[:: max(1, len(a) // 7)].sum()) for a in arrays))
+def _fingerprint(features: np.ndarray) -> float:
+    # Cheap content fingerprint of one bag (a few rows), so that results can be compared.
+    return float(np.float64(features[:: max(1, len(features) // 7)].astype(np.float32).sum()))
 
 
 # --------------------------------------------------------------------------- contenders
 
 
-def read_momkd(setup) -> float:
+def read_momkd(setup, store_key: str = "default", dtype: str = "float32") -> float:
     from momkd.data.loader import BagLoader
 
+    kwargs = {} if dtype == "float32" else {"dtype": dtype}
     loader = BagLoader(
-        setup["store"], slide_ids=setup["order"], knn_k=None, num_threads=THREADS, prefetch=8
+        str(setup["stores"][store_key]),
+        slide_ids=setup["order"],
+        knn_k=None,
+        num_threads=THREADS,
+        prefetch=4,
+        **kwargs,
     )
-    return _checksum(bag.features.numpy() for bag in loader)
+    total = 0.0
+    for bag in loader:
+        total += _fingerprint(bag.features.numpy())
+        del bag
+    return total
 
 
 def read_zarr_python(setup) -> float:
     import zarr
 
-    root = zarr.open_group(str(setup["root"] / "cohort.zarr"), mode="r")
+    root = zarr.open_group(str(setup["stores"]["default"]), mode="r")
     feats, coords = root["features"], root["coords"]
     offsets = root["offsets"][:]
     index = {s: i for i, s in enumerate(root.attrs["momkd"]["slide_ids"])}
-    out = []
+    total = 0.0
     for sid in setup["order"]:
         i = index[sid]
         f = feats[offsets[i] : offsets[i + 1]].astype(np.float32)
         coords[offsets[i] : offsets[i + 1]]
-        out.append(f)
-    return _checksum(out)
+        total += _fingerprint(f)
+        del f
+    return total
 
 
 def read_h5py(setup) -> float:
     import h5py
 
-    out = []
+    total = 0.0
     for sid in setup["order"]:
         with h5py.File(setup["root"] / "h5" / f"{sid}.h5", "r") as f:
             feats = f["features"][:]
             f["coords"][:]
-        out.append(feats)
-    return _checksum(out)
+        total += _fingerprint(feats)
+        del feats
+    return total
 
 
 def read_torch_pt(setup) -> float:
     import torch
 
-    out = []
+    total = 0.0
     for sid in setup["order"]:
         t = torch.load(setup["root"] / "pt" / f"{sid}.pt", weights_only=True)
-        out.append(t.numpy())
-    return _checksum(out)
+        total += _fingerprint(t.numpy())
+        del t
+    return total
 
 
-def _chunk_decoder(meta: dict):
+def _bag_chunk_files(setup, array: str) -> Iterator[Path]:
+    """The chunk files of ``array`` that each bag touches, bag after bag (default store)."""
+    root = setup["stores"]["default"]
+    meta = json.loads((root / array / "zarr.json").read_text())
+    rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    store = setup["store"]
+    offsets = np.asarray(store.offsets)
+    index = {s: i for i, s in enumerate(store.slide_ids)}
+    for sid in setup["order"]:
+        i = index[sid]
+        first, last = offsets[i] // rows, (offsets[i + 1] - 1) // rows
+        for c in range(first, last + 1):
+            yield root / array / "c" / str(c) / "0"
+
+
+def read_raw_ceiling(setup) -> int:
+    """Read every chunk file (features and coordinates) of every bag, raw, on IO_THREADS threads."""
+
+    def read(path: Path) -> int:
+        with open(path, "rb", buffering=0) as f:
+            return len(f.read())
+
+    paths = [*_bag_chunk_files(setup, "features"), *_bag_chunk_files(setup, "coords")]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        return sum(pool.map(read, paths))
+
+
+def _chunk_decoder(meta: dict) -> Callable[[bytes], int]:
     """The store's bytes-to-bytes codec chain, decoded with the codec libraries alone."""
     import google_crc32c
     from numcodecs import Blosc, GZip, Zstd
@@ -154,68 +245,69 @@ def _chunk_decoder(meta: dict):
     return decode
 
 
-def read_codec_ceiling(setup) -> int:
+def read_decode_ceiling(setup) -> int:
     """Read and decode exactly the feature chunks each bag touches (no conversion, no copy out)."""
-    root = setup["root"] / "cohort.zarr"
-    meta = json.loads((root / "features" / "zarr.json").read_text())
-    rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-    decode_bytes = _chunk_decoder(meta)
-    store = setup["store"]
-    offsets = np.asarray(store.offsets)
-    index = {s: i for i, s in enumerate(store.slide_ids)}
+    root = setup["stores"]["default"]
+    decode_bytes = _chunk_decoder(json.loads((root / "features" / "zarr.json").read_text()))
 
     def decode(path: Path) -> int:
-        return decode_bytes(path.read_bytes())
+        with open(path, "rb", buffering=0) as f:
+            return decode_bytes(f.read())
 
-    total = 0
     with ThreadPoolExecutor(THREADS) as pool:
-        for sid in setup["order"]:
-            i = index[sid]
-            first, last = offsets[i] // rows, (offsets[i + 1] - 1) // rows
-            paths = [root / "features" / "c" / str(c) / "0" for c in range(first, last + 1)]
-            total += sum(pool.map(decode, paths))
-    return total
+        return sum(pool.map(decode, _bag_chunk_files(setup, "features")))
+
+
+CONTENDERS: dict[str, tuple[Callable, str]] = {
+    # name: (reader, key of the bytes on disk it reads)
+    "raw-read-ceiling": (read_raw_ceiling, "default"),
+    "decode-ceiling": (read_decode_ceiling, "default"),
+    "momkd": (lambda s: read_momkd(s), "default"),
+    "momkd-float16": (lambda s: read_momkd(s, dtype="float16"), "default"),
+    "momkd-zstd": (lambda s: read_momkd(s, "zstd"), "zstd"),
+    "momkd-none": (lambda s: read_momkd(s, "none"), "none"),
+    "momkd-sharded": (lambda s: read_momkd(s, "sharded"), "sharded"),
+    "zarr-python": (read_zarr_python, "default"),
+    "h5py-trident": (read_h5py, "h5"),
+    "torch-load-pt": (read_torch_pt, "pt"),
+}
+
+
+def _supports_float16() -> bool:
+    import inspect
+
+    from momkd.data.loader import BagLoader
+
+    return "dtype" in inspect.signature(BagLoader).parameters
 
 
 # --------------------------------------------------------------------------- benchmarks
 
 
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_momkd_loader(benchmark, setup):
-    _run(benchmark, lambda: read_momkd(setup), setup, "store")
-
-
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_momkd_loader_zstd_store(benchmark, setup):
-    """The same loader on the same bags stored with ``--codec zstd`` (if that store exists)."""
-    from momkd.data.store import CohortStore
-
-    path = setup["root"] / "cohort_zstd.zarr"
-    if not path.exists():
-        pytest.skip("no cohort_zstd.zarr next to the benchmark cohort")
-    alt = {**setup, "store": CohortStore.open(path)}
-    alt["disk"] = {**setup["disk"], "zstd": _dir_bytes(path)}
-    _run(benchmark, lambda: read_momkd(alt), alt, "zstd")
-
-
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_zarr_python(benchmark, setup):
-    _run(benchmark, lambda: read_zarr_python(setup), setup, "store")
-
-
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_h5py_trident(benchmark, setup):
-    _run(benchmark, lambda: read_h5py(setup), setup, "h5")
-
-
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_torch_load_pt(benchmark, setup):
-    _run(benchmark, lambda: read_torch_pt(setup), setup, "pt")
-
-
-@pytest.mark.benchmark(group="whole-bag reads")
-def test_codec_ceiling(benchmark, setup):
-    _run(benchmark, lambda: read_codec_ceiling(setup), setup, "store")
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_read(benchmark, setup, cache, contender):
+    reader, disk_key = CONTENDERS[contender]
+    if disk_key not in setup["stores"] and disk_key not in ("h5", "pt"):
+        pytest.skip(f"no {disk_key} variant of the store (this momkd cannot write it)")
+    if contender == "momkd-float16" and not _supports_float16():
+        pytest.skip("this momkd's BagLoader has no dtype option")
+    benchmark.group = f"{cache} consume-and-drop"
+    if cache == "cold":
+        why = _cold_unavailable()
+        if why is not None:
+            pytest.skip(f"cold reads: {why}")
+        benchmark.pedantic(
+            reader, args=(setup,), setup=drop_page_cache, rounds=ROUNDS, iterations=1
+        )
+    else:
+        benchmark.pedantic(reader, args=(setup,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["gbps_f32"] = setup["f32_bytes"] / median / 1e9
+    benchmark.extra_info["bytes_on_disk"] = setup["disk"][disk_key]
+    benchmark.extra_info["disk_gbps"] = setup["disk"][disk_key] / median / 1e9
+    benchmark.extra_info["bags"] = len(setup["order"])
+    benchmark.extra_info["threads"] = IO_THREADS if contender == "raw-read-ceiling" else THREADS
 
 
 def test_contenders_agree(setup):
@@ -227,3 +319,8 @@ def test_contenders_agree(setup):
     assert a == pytest.approx(b, rel=1e-9)
     assert c == pytest.approx(d, rel=1e-9)
     assert a == pytest.approx(c, rel=1e-2, abs=1e-2 * len(setup["order"]))
+    for key in setup["stores"]:
+        if key != "default":  # same float16 values, other codec or layout
+            assert read_momkd(setup, key) == pytest.approx(a, rel=1e-9), key
+    if _supports_float16():
+        assert read_momkd(setup, dtype="float16") == pytest.approx(a, rel=1e-9)

@@ -139,6 +139,24 @@ pub fn f32_copy_checked(src: &[f32], dst: &mut [f32]) -> Option<usize> {
     first_non_finite_f32(dst)
 }
 
+/// Copy float16 into `dst` (same length) and return the first non-finite index.
+pub fn f16_copy_checked(src: &[f16], dst: &mut [f16]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    dst.copy_from_slice(src);
+    first_non_finite_f16(dst)
+}
+
+/// Convert float32 to float16 into `dst` (same length, round to nearest even) and return the first
+/// index float16 cannot hold (NaN/Inf or `|x| > 65504`).
+pub fn f32_to_f16_into_checked(src: &[f32], dst: &mut [f16]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    if let Some((bad, _)) = first_unfit_for_f16(src) {
+        return Some(bad);
+    }
+    dst.convert_from_f32_slice(src);
+    None
+}
+
 /// Result of a checked float16 conversion: the values, or the first bad element and why.
 pub type F16Result = Result<Vec<f16>, (usize, BadValue)>;
 
@@ -219,6 +237,24 @@ mod tests {
         let bad = [f16::ONE, f16::NEG_INFINITY];
         let mut dst = [0.0f32; 2];
         assert_eq!(f16_to_f32_checked(&bad, &mut dst), Some(1));
+    }
+
+    #[test]
+    fn into_variants_match_the_allocating_ones() {
+        let src = [0.1f32, -2.0, 65504.0, 3.3e-5];
+        let mut dst = [f16::ZERO; 4];
+        assert_eq!(f32_to_f16_into_checked(&src, &mut dst), None);
+        assert_eq!(dst.to_vec(), f32_to_f16_checked(&src).unwrap());
+        assert_eq!(dst[0].to_bits(), 0x2E66);
+        assert_eq!(
+            f32_to_f16_into_checked(&[1.0, 70000.0], &mut [f16::ZERO; 2]),
+            Some(1)
+        );
+        let mut copy = [f16::ZERO; 4];
+        assert_eq!(f16_copy_checked(&dst, &mut copy), None);
+        assert_eq!(copy, dst);
+        let bad = [f16::ONE, f16::NAN];
+        assert_eq!(f16_copy_checked(&bad, &mut [f16::ZERO; 2]), Some(1));
     }
 
     #[test]

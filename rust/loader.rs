@@ -5,17 +5,22 @@
 //! parallel on the same pool), builds the k-NN graph and sends the result through its own channel.
 //! The consumer receives results strictly in the order of the index list. Dropping the prefetcher
 //! sets a cancel flag so queued jobs return at once, and drops the pool, whose threads then exit.
+//!
+//! Reading ahead is separate from decoding: a dedicated I/O thread asks the kernel
+//! (`posix_fadvise(WILLNEED)`) to start reading the chunks of the next `readahead` bags beyond the
+//! ones being decoded, so that on a cold page cache many reads are in flight whatever the number of
+//! decoding threads, and the decoding threads find their chunks in memory.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{catch_panics, Error, Result};
 use crate::knn::{knn_edges, pairs_from_i64};
-use crate::store::CohortStore;
+use crate::store::{CohortStore, FeatureBuf, OutDtype};
 
 /// A bag ready for the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +31,8 @@ pub struct Bag {
     pub n_rows: usize,
     /// Feature dimension `D`.
     pub dim: usize,
-    /// `(P, D)` float32, row-major.
-    pub features: Vec<f32>,
+    /// `(P, D)` float32 or float16, row-major.
+    pub features: FeatureBuf,
     /// `(P, 2)` int64.
     pub coords: Vec<i64>,
     /// `(2, E)` int64 (sources then neighbours), when a k-NN graph was requested.
@@ -45,6 +50,8 @@ pub struct LoadOptions {
     pub epoch: u64,
     /// Neighbours per patch of the k-NN graph; `None`: no graph.
     pub knn_k: Option<usize>,
+    /// Data type the features are handed over in.
+    pub dtype: OutDtype,
 }
 
 /// Build a rayon pool of `num_threads` named worker threads.
@@ -67,7 +74,7 @@ pub fn build_pool(num_threads: usize, name: &'static str) -> Result<ThreadPool> 
 pub fn load_bag(store: &CohortStore, index: usize, opts: &LoadOptions) -> Result<Bag> {
     let context = format!("store {}: slide index {index}", store.path());
     catch_panics(&context, || {
-        let data = store.read(index, opts.max_patches, opts.seed, opts.epoch)?;
+        let data = store.read_as(index, opts.max_patches, opts.seed, opts.epoch, opts.dtype)?;
         let edges = match opts.knn_k {
             Some(k) => Some(knn_edges(&pairs_from_i64(&data.coords), k).map_err(|e| {
                 Error::Data(format!(
@@ -101,10 +108,16 @@ pub struct Prefetcher {
     next_submit: usize,
     cancel: Arc<AtomicBool>,
     finished: bool,
+    /// Bags advised beyond the ones submitted for decoding.
+    readahead: usize,
+    /// Position in `indices` of the next bag to advise.
+    next_advise: usize,
+    /// Feeds the read-ahead thread (absent when `readahead == 0`).
+    advise_tx: Option<Sender<usize>>,
 }
 
 impl Prefetcher {
-    /// Start loading the first `prefetch` bags of `indices`.
+    /// Start loading the first `prefetch` bags of `indices`, without read-ahead.
     ///
     /// # Errors
     /// [`Error::SlideNotFound`] for an index outside the store, [`Error::Config`] for
@@ -114,6 +127,22 @@ impl Prefetcher {
         indices: Vec<usize>,
         num_threads: usize,
         prefetch: usize,
+        opts: LoadOptions,
+    ) -> Result<Prefetcher> {
+        Prefetcher::with_readahead(store, indices, num_threads, prefetch, 0, opts)
+    }
+
+    /// Like [`Prefetcher::new`], and keep the chunks of up to `readahead` further bags (beyond the
+    /// `prefetch` being decoded) requested from the kernel by a dedicated I/O thread.
+    ///
+    /// # Errors
+    /// As [`Prefetcher::new`]; [`Error::Internal`] when the I/O thread cannot be started.
+    pub fn with_readahead(
+        store: Arc<CohortStore>,
+        indices: Vec<usize>,
+        num_threads: usize,
+        prefetch: usize,
+        readahead: usize,
         opts: LoadOptions,
     ) -> Result<Prefetcher> {
         if prefetch == 0 {
@@ -126,6 +155,27 @@ impl Prefetcher {
             store.check_index(i)?;
         }
         let pool = Arc::new(build_pool(num_threads, "momkd-loader")?);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let advise_tx = if readahead > 0 && !indices.is_empty() {
+            let (tx, rx) = channel::<usize>();
+            let st = Arc::clone(&store);
+            let stop = Arc::clone(&cancel);
+            std::thread::Builder::new()
+                .name("momkd-readahead".into())
+                .spawn(move || {
+                    // Ends when the prefetcher (the sender) is dropped.
+                    while let Ok(index) = rx.recv() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        st.advise(index);
+                    }
+                })
+                .map_err(|e| Error::Internal(format!("cannot start the read-ahead thread: {e}")))?;
+            Some(tx)
+        } else {
+            None
+        };
         let mut p = Prefetcher {
             store,
             indices,
@@ -134,8 +184,11 @@ impl Prefetcher {
             prefetch,
             pending: VecDeque::with_capacity(prefetch),
             next_submit: 0,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel,
             finished: false,
+            readahead,
+            next_advise: 0,
+            advise_tx,
         };
         p.fill();
         Ok(p)
@@ -152,6 +205,16 @@ impl Prefetcher {
     }
 
     fn fill(&mut self) {
+        if let Some(tx) = &self.advise_tx {
+            // Everything this call submits for decoding, and `readahead` bags beyond it.
+            let submit = self.prefetch.saturating_sub(self.pending.len());
+            let until = (self.next_submit + submit + self.readahead).min(self.indices.len());
+            while self.next_advise < until {
+                // A send fails only when the thread is gone; reading then simply goes on without.
+                let _ = tx.send(self.indices[self.next_advise]);
+                self.next_advise += 1;
+            }
+        }
         while !self.finished
             && self.pending.len() < self.prefetch
             && self.next_submit < self.indices.len()
@@ -200,6 +263,7 @@ impl Prefetcher {
         self.finished = true;
         self.cancel.store(true, Ordering::Relaxed);
         self.pending.clear();
+        self.advise_tx = None;
     }
 }
 
@@ -233,6 +297,7 @@ mod tests {
         seed: 0,
         epoch: 0,
         knn_k: Some(2),
+        dtype: OutDtype::F32,
     };
 
     #[test]
@@ -254,6 +319,41 @@ mod tests {
     }
 
     #[test]
+    fn readahead_and_float16_yield_the_same_bags() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let order = vec![1, 2, 0, 1, 2];
+        let plain: Vec<Bag> = Prefetcher::new(Arc::clone(&store), order.clone(), 1, 1, OPTS)
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        let opts = LoadOptions {
+            dtype: OutDtype::F16,
+            ..OPTS
+        };
+        let half: Vec<Bag> =
+            Prefetcher::with_readahead(Arc::clone(&store), order.clone(), 2, 2, 3, opts)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect();
+        assert_eq!(half.len(), plain.len());
+        for (h, p) in half.iter().zip(&plain) {
+            assert_eq!(h.index, p.index);
+            assert_eq!(h.coords, p.coords);
+            assert_eq!(h.edges, p.edges);
+            // The store is float16: float16 out, widened, equals the float32 hand-off exactly.
+            let widened: Vec<f32> = h
+                .features
+                .as_f16()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            assert_eq!(p.features, widened);
+        }
+    }
+
+    #[test]
     fn subsampling_matches_store_read() {
         let tmp = tempfile::tempdir().unwrap();
         let store = open_store(&tmp);
@@ -262,6 +362,7 @@ mod tests {
             seed: 5,
             epoch: 2,
             knn_k: None,
+            dtype: OutDtype::F32,
         };
         let got: Vec<Bag> = Prefetcher::new(Arc::clone(&store), vec![0, 1, 2], 1, 1, opts)
             .unwrap()

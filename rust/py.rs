@@ -23,7 +23,7 @@ use crate::convert::{
 use crate::error::{catch_panics, Error};
 use crate::knn::knn_edges;
 use crate::loader::{build_pool, Bag, LoadOptions, Prefetcher};
-use crate::store::CohortStore;
+use crate::store::{CohortStore, FeatureBuf, OutDtype};
 
 const MODULE: &str = "momkd._core";
 
@@ -134,6 +134,8 @@ impl From<Error> for PyErr {
 /// Add the dual-base exception classes and `__version__` to the module.
 pub fn init_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    #[cfg(feature = "mimalloc")]
+    crate::tune_allocator();
     m.add("SlideNotFoundError", slide_not_found_error(py)?)?;
     m.add("DataError", data_error(py)?)?;
     m.add("ConfigError", config_error(py)?)?;
@@ -158,11 +160,21 @@ fn features_to_numpy<'py>(
     py: Python<'py>,
     n: usize,
     d: usize,
-    data: Vec<f32>,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let arr = Array2::from_shape_vec((n, d), data)
-        .map_err(|e| Error::Internal(format!("features buffer has the wrong size: {e}")))?;
-    Ok(arr.into_pyarray(py))
+    data: FeatureBuf,
+) -> PyResult<Bound<'py, PyAny>> {
+    let wrong = |e: numpy::ndarray::ShapeError| {
+        Error::Internal(format!("features buffer has the wrong size: {e}"))
+    };
+    Ok(match data {
+        FeatureBuf::F32(v) => Array2::from_shape_vec((n, d), v)
+            .map_err(wrong)?
+            .into_pyarray(py)
+            .into_any(),
+        FeatureBuf::F16(v) => Array2::from_shape_vec((n, d), v)
+            .map_err(wrong)?
+            .into_pyarray(py)
+            .into_any(),
+    })
 }
 
 fn i64_to_numpy<'py>(
@@ -192,7 +204,7 @@ impl PyStore {
     }
 }
 
-type ReadResult<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>);
+type ReadResult<'py> = (Bound<'py, PyAny>, Bound<'py, PyArray2<i64>>);
 
 #[pymethods]
 impl PyStore {
@@ -247,6 +259,12 @@ impl PyStore {
         self.inner.chunk_rows()
     }
 
+    /// Rows per shard of `features` (sharded stores), else `None`.
+    #[getter]
+    fn shard_rows(&self) -> Option<u64> {
+        self.inner.shard_rows()
+    }
+
     #[getter]
     fn header_json(&self) -> &str {
         self.inner.header_json()
@@ -277,8 +295,8 @@ impl PyStore {
         self.inner.offsets().to_vec().into_pyarray(py)
     }
 
-    /// Read slide `index`: features float32 `(P, D)`, coords int64 `(P, 2)`.
-    #[pyo3(signature = (index, max_patches = None, seed = 0, epoch = 0))]
+    /// Read slide `index`: features float32 (or `dtype`) `(P, D)`, coords int64 `(P, 2)`.
+    #[pyo3(signature = (index, max_patches = None, seed = 0, epoch = 0, dtype = "float32"))]
     fn read<'py>(
         &self,
         py: Python<'py>,
@@ -286,7 +304,9 @@ impl PyStore {
         max_patches: Option<i64>,
         seed: i128,
         epoch: i128,
+        dtype: &str,
     ) -> PyResult<ReadResult<'py>> {
+        let out = OutDtype::parse(dtype)?;
         let (seed, epoch) = (seed_value(seed, "seed")?, seed_value(epoch, "epoch")?);
         let index = usize::try_from(index).map_err(|_| {
             Error::SlideNotFound(format!(
@@ -303,7 +323,7 @@ impl PyStore {
         let context = format!("store {}: slide index {index}", store.path());
         let bag = py.detach(|| {
             catch_panics(&context, || {
-                pool.install(|| store.read(index, max_patches, seed, epoch))
+                pool.install(|| store.read_as(index, max_patches, seed, epoch, out))
             })
         })?;
         let features = features_to_numpy(py, bag.n_rows, bag.dim, bag.features)?;
@@ -314,7 +334,7 @@ impl PyStore {
 
 type NextItem<'py> = (
     usize,
-    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyAny>,
     Bound<'py, PyArray2<i64>>,
     Option<Bound<'py, PyArray2<i64>>>,
 );
@@ -330,8 +350,8 @@ pub struct PyBagPrefetcher {
 impl PyBagPrefetcher {
     #[new]
     #[pyo3(signature = (store, indices, *, num_threads = 2, prefetch = 4, max_patches = None,
-                        seed = 0, epoch = 0, knn_k = Some(8)),
-           text_signature = "(store, indices, *, num_threads=2, prefetch=4, max_patches=None, seed=0, epoch=0, knn_k=8)")]
+                        seed = 0, epoch = 0, knn_k = Some(8), dtype = "float32", readahead = 0),
+           text_signature = "(store, indices, *, num_threads=2, prefetch=4, max_patches=None, seed=0, epoch=0, knn_k=8, dtype='float32', readahead=0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         store: &Bound<'_, PyStore>,
@@ -342,6 +362,8 @@ impl PyBagPrefetcher {
         seed: i128,
         epoch: i128,
         knn_k: Option<i64>,
+        dtype: &str,
+        readahead: i64,
     ) -> PyResult<PyBagPrefetcher> {
         let st = Arc::clone(&store.get().inner);
         let idx = indices
@@ -363,13 +385,15 @@ impl PyBagPrefetcher {
             seed: seed_value(seed, "seed")?,
             epoch: seed_value(epoch, "epoch")?,
             knn_k: knn_k.map(|k| non_negative(k, "knn_k")).transpose()?,
+            dtype: OutDtype::parse(dtype)?,
         };
         let len = idx.len();
-        let p = Prefetcher::new(
+        let p = Prefetcher::with_readahead(
             st,
             idx,
             non_negative(num_threads, "num_threads")?,
             non_negative(prefetch, "prefetch")?,
+            non_negative(readahead, "readahead")?,
             opts,
         )?;
         Ok(PyBagPrefetcher {
@@ -445,6 +469,41 @@ fn coords_pairs_i64(arr: &PyReadonlyArrayDyn<'_, i64>) -> Result<Vec<[f64; 2]>, 
         .outer_iter()
         .map(|row| [row[0] as f64, row[1] as f64])
         .collect())
+}
+
+/// Rows of a bag of `n` rows that a read with `max_patches` keeps (increasing, int64), or `None`
+/// when the bag is kept whole: the same rows as `Store.read` / `BagPrefetcher` for `(seed, epoch,
+/// index)`.
+#[pyfunction]
+#[pyo3(signature = (n, max_patches, seed, epoch, index))]
+pub fn bag_rows<'py>(
+    py: Python<'py>,
+    n: i64,
+    max_patches: Option<i64>,
+    seed: i128,
+    epoch: i128,
+    index: i64,
+) -> PyResult<Option<Bound<'py, numpy::PyArray1<i64>>>> {
+    let n = non_negative(n, "n")?;
+    let max_patches = max_patches
+        .map(|m| non_negative(m, "max_patches"))
+        .transpose()?;
+    if max_patches == Some(0) {
+        return Err(Error::Config("max_patches must be at least 1".into()).into());
+    }
+    let rows = crate::subsample::bag_rows(
+        n,
+        max_patches,
+        seed_value(seed, "seed")?,
+        seed_value(epoch, "epoch")?,
+        non_negative(index, "index")?,
+    );
+    Ok(rows.map(|r| {
+        r.into_iter()
+            .map(|v| v as i64)
+            .collect::<Vec<i64>>()
+            .into_pyarray(py)
+    }))
 }
 
 /// k-NN graph on patch coordinates: edge_index int64 `(2, P * min(k, P - 1))`.

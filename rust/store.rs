@@ -12,10 +12,16 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 use serde_json::{Map, Value};
-use zarrs::array::{Array, ArrayBytes, CodecOptions};
+use zarrs::array::{
+    Array, ArrayBytes, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
+    CodecOptions,
+};
 use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::byte_range::ByteRange;
 
-use crate::convert::{f16_to_f32_checked, f32_copy_checked};
+use crate::convert::{
+    f16_copy_checked, f16_to_f32_checked, f32_copy_checked, f32_to_f16_into_checked,
+};
 use crate::error::{one_line, Error, Result};
 use crate::subsample::bag_rows;
 
@@ -24,8 +30,12 @@ pub const FORMAT_NAME: &str = "momkd-cohort";
 /// Newest `format_version` this reader understands.
 pub const FORMAT_VERSION: i64 = 1;
 
-/// Codecs allowed by format version 1.
+/// Codecs allowed by format version 1 (inside a shard, too).
 const ALLOWED_CODECS: [&str; 5] = ["bytes", "zstd", "blosc", "gzip", "crc32c"];
+/// The array-to-bytes codec of format version 1.1 sharded arrays.
+const SHARDING: &str = "sharding_indexed";
+/// Codecs allowed on a shard index.
+const INDEX_CODECS: [&str; 2] = ["bytes", "crc32c"];
 
 /// On-disk data type of `features`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +61,63 @@ enum CoordDtype {
     I64,
 }
 
+/// The data type features are handed over in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutDtype {
+    /// float32 (converted from a float16 store).
+    F32,
+    /// float16 (converted, overflow-checked, from a float32 store): half the bytes.
+    F16,
+}
+
+impl OutDtype {
+    /// Parse `"float32"` / `"float16"`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for any other name.
+    pub fn parse(name: &str) -> Result<OutDtype> {
+        match name {
+            "float32" => Ok(OutDtype::F32),
+            "float16" => Ok(OutDtype::F16),
+            other => Err(Error::Config(format!(
+                "dtype must be 'float32' or 'float16', got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Row-major `(P, D)` features in the requested data type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeatureBuf {
+    /// float32 values.
+    F32(Vec<f32>),
+    /// float16 values.
+    F16(Vec<f16>),
+}
+
+impl FeatureBuf {
+    /// The float32 values, if that is the type.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            FeatureBuf::F32(v) => Some(v),
+            FeatureBuf::F16(_) => None,
+        }
+    }
+    /// The float16 values, if that is the type.
+    pub fn as_f16(&self) -> Option<&[f16]> {
+        match self {
+            FeatureBuf::F16(v) => Some(v),
+            FeatureBuf::F32(_) => None,
+        }
+    }
+}
+
+impl PartialEq<Vec<f32>> for FeatureBuf {
+    fn eq(&self, other: &Vec<f32>) -> bool {
+        self.as_f32() == Some(other.as_slice())
+    }
+}
+
 /// One bag as read from the store: row-major buffers ready to hand to numpy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BagData {
@@ -58,8 +125,8 @@ pub struct BagData {
     pub n_rows: usize,
     /// Feature dimension `D`.
     pub dim: usize,
-    /// `(P, D)` float32.
-    pub features: Vec<f32>,
+    /// `(P, D)` float32 or float16.
+    pub features: FeatureBuf,
     /// `(P, 2)` int64, `x` then `y`.
     pub coords: Vec<i64>,
 }
@@ -69,8 +136,182 @@ pub struct BagData {
 struct ArrayMeta {
     shape: Vec<u64>,
     data_type: String,
+    /// The chunk grid's chunk shape (the shard shape of a sharded array).
     chunk_shape: Vec<u64>,
+    /// The inner chunk shape of a sharded array (format version 1.1).
+    inner_chunk_shape: Option<Vec<u64>>,
 }
+
+impl ArrayMeta {
+    /// The read unit: the inner chunk of a sharded array, else the chunk.
+    fn read_chunk_shape(&self) -> &[u64] {
+        self.inner_chunk_shape
+            .as_deref()
+            .unwrap_or(&self.chunk_shape)
+    }
+}
+
+/// A sharded array's shard geometry and its cache of decoded shard indexes.
+struct Shards {
+    /// Inner chunks (row blocks) per shard.
+    chunks_per_shard: u64,
+    cache: ArrayShardedReadableExtCache,
+}
+
+/// One row-chunked array of the store (`features` or `coords`).
+struct RowArray {
+    name: &'static str,
+    array: Array<FilesystemStore>,
+    /// Rows per read unit (the inner chunk of a sharded array).
+    chunk_rows: u64,
+    shards: Option<Shards>,
+}
+
+impl RowArray {
+    fn new(
+        store: &str,
+        name: &'static str,
+        array: Array<FilesystemStore>,
+        meta: &ArrayMeta,
+    ) -> Result<RowArray> {
+        let chunk_rows = meta.read_chunk_shape()[0];
+        let shards = match &meta.inner_chunk_shape {
+            None => None,
+            Some(inner) => {
+                if !array.is_exclusively_sharded() {
+                    return Err(Error::Store(format!(
+                        "store {store}: array '{name}': a sharded array must have 'sharding_indexed' as its only codec"
+                    )));
+                }
+                Some(Shards {
+                    chunks_per_shard: meta.chunk_shape[0] / inner[0],
+                    cache: ArrayShardedReadableExtCache::new(&array),
+                })
+            }
+        };
+        Ok(RowArray {
+            name,
+            array,
+            chunk_rows,
+            shards,
+        })
+    }
+
+    /// The storage key of the file holding read unit `chunk`, and the unit's place in it.
+    fn label(&self, chunk: u64) -> String {
+        match &self.shards {
+            None => self.array.chunk_key(&[chunk, 0]).to_string(),
+            Some(s) => format!(
+                "{} (inner chunk {})",
+                self.array.chunk_key(&[chunk / s.chunks_per_shard, 0]),
+                chunk % s.chunks_per_shard
+            ),
+        }
+    }
+
+    /// Read and decode read unit `chunk`; errors name the store, the slide and the chunk.
+    fn fetch(&self, chunk: u64, ctx: &ReadCtx<'_>) -> Result<ArrayBytes<'static>> {
+        let options = CodecOptions::default().with_concurrent_target(1);
+        let indices = [chunk, 0];
+        let missing = || {
+            Error::Store(format!(
+                "store {}: slide {}: chunk {} is missing",
+                ctx.store,
+                ctx.slide,
+                self.label(chunk)
+            ))
+        };
+        let corrupt = |e: String| {
+            Error::Store(format!(
+                "store {}: slide {}: chunk {} is corrupt or truncated: {e}",
+                ctx.store,
+                ctx.slide,
+                self.label(chunk)
+            ))
+        };
+        match &self.shards {
+            None => match self
+                .array
+                .retrieve_chunk_if_exists_opt::<ArrayBytes<'static>>(&indices, &options)
+            {
+                Ok(Some(b)) => Ok(b),
+                Ok(None) => Err(missing()),
+                Err(e) => Err(corrupt(one_line(e))),
+            },
+            Some(s) => {
+                match self.array.subchunk_byte_range(&s.cache, &indices) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(missing()),
+                    Err(e) => {
+                        return Err(Error::Store(format!(
+                            "store {}: slide {}: shard {} of array '{}' has a corrupt or truncated shard index: {}",
+                            ctx.store,
+                            ctx.slide,
+                            self.array.chunk_key(&[chunk / s.chunks_per_shard, 0]),
+                            self.name,
+                            one_line(e)
+                        )))
+                    }
+                }
+                self.array
+                    .retrieve_subchunk_opt::<ArrayBytes<'static>>(&s.cache, &indices, &options)
+                    .map_err(|e| corrupt(one_line(e)))
+            }
+        }
+    }
+
+    /// Ask the kernel to start reading the bytes of read units `first ..= last` into the page
+    /// cache (best effort: errors are ignored; the read itself reports them).
+    fn advise(&self, root: &Path, first: u64, last: u64) {
+        match &self.shards {
+            None => {
+                for c in first..=last {
+                    let key = self.array.chunk_key(&[c, 0]);
+                    will_need(&root.join(key.as_str()), 0, 0);
+                }
+            }
+            Some(s) => {
+                let mut shard = first / s.chunks_per_shard;
+                while shard * s.chunks_per_shard <= last {
+                    let lo = first.max(shard * s.chunks_per_shard);
+                    let hi = last.min((shard + 1) * s.chunks_per_shard - 1);
+                    let (mut start, mut end) = (u64::MAX, 0u64);
+                    for c in lo..=hi {
+                        if let Ok(Some(ByteRange::FromStart(off, Some(len)))) =
+                            self.array.subchunk_byte_range(&s.cache, &[c, 0])
+                        {
+                            start = start.min(off);
+                            end = end.max(off + len);
+                        }
+                    }
+                    if start < end {
+                        let key = self.array.chunk_key(&[shard, 0]);
+                        will_need(&root.join(key.as_str()), start, end - start);
+                    }
+                    shard += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `posix_fadvise(WILLNEED)` on a byte range of a file (`len == 0`: to the end).
+#[cfg(target_os = "linux")]
+fn will_need(path: &Path, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    if let Ok(file) = std::fs::File::open(path) {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain syscall on a file descriptor that stays open for its duration.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn will_need(_path: &Path, _offset: u64, _len: u64) {}
 
 /// An open, validated cohort store.
 pub struct CohortStore {
@@ -85,8 +326,8 @@ pub struct CohortStore {
     coord_chunk_rows: u64,
     offsets: Vec<i64>,
     header_json: String,
-    features: Array<FilesystemStore>,
-    coords: Array<FilesystemStore>,
+    features: RowArray,
+    coords: RowArray,
 }
 
 impl std::fmt::Debug for CohortStore {
@@ -207,25 +448,41 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
         .get("codecs")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("'codecs' is missing".into()))?;
-    for (pos, codec) in codecs.iter().enumerate() {
-        let cname = match codec {
-            Value::String(s) => s.as_str(),
-            Value::Object(m) => m.get("name").and_then(Value::as_str).unwrap_or(""),
-            _ => "",
-        };
-        if !ALLOWED_CODECS.contains(&cname) {
+    let mut inner_chunk_shape = None;
+    if codecs.len() == 1 && codec_name(&codecs[0]) == SHARDING {
+        let config = codecs[0]
+            .get("configuration")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("the sharding codec has no 'configuration'".into()))?;
+        let inner: Vec<u64> = config
+            .get("chunk_shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad("the sharding codec has no integer 'chunk_shape'".into()))?;
+        if inner.len() != shape.len() || inner.contains(&0) {
             return Err(bad(format!(
-                "codec '{cname}' is not supported by format version 1 (allowed: bytes, zstd, blosc, gzip, crc32c)"
+                "inner chunk shape {inner:?} does not fit array shape {shape:?}"
             )));
         }
-        if (pos == 0) != (cname == "bytes") {
-            return Err(bad(
-                "codecs must be 'bytes' followed by zstd, blosc, gzip or crc32c".into(),
-            ));
+        if inner.iter().zip(&chunk_shape).any(|(i, s)| s % i != 0) {
+            return Err(bad(format!(
+                "shard shape {chunk_shape:?} is not a multiple of the inner chunk shape {inner:?}"
+            )));
         }
-    }
-    if codecs.is_empty() {
-        return Err(bad("'codecs' is empty".into()));
+        let inner_codecs = config
+            .get("codecs")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("the sharding codec has no 'codecs'".into()))?;
+        check_codec_chain(inner_codecs, &ALLOWED_CODECS, "inner codecs", &bad)?;
+        if let Some(index_codecs) = config.get("index_codecs") {
+            let index_codecs = index_codecs
+                .as_array()
+                .ok_or_else(|| bad("the sharding codec's 'index_codecs' is not a list".into()))?;
+            check_codec_chain(index_codecs, &INDEX_CODECS, "index codecs", &bad)?;
+        }
+        inner_chunk_shape = Some(inner);
+    } else {
+        check_codec_chain(codecs, &ALLOWED_CODECS, "codecs", &bad)?;
     }
     if let Some(st) = obj.get("storage_transformers") {
         if st.as_array().is_some_and(|a| !a.is_empty()) || !(st.is_array() || st.is_null()) {
@@ -238,7 +495,49 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
         shape,
         data_type,
         chunk_shape,
+        inner_chunk_shape,
     })
+}
+
+fn codec_name(codec: &Value) -> &str {
+    match codec {
+        Value::String(s) => s.as_str(),
+        Value::Object(m) => m.get("name").and_then(Value::as_str).unwrap_or(""),
+        _ => "",
+    }
+}
+
+/// Check a codec list: `bytes` followed by codecs of `allowed`.
+fn check_codec_chain(
+    codecs: &[Value],
+    allowed: &[&str],
+    what: &str,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<()> {
+    if codecs.is_empty() {
+        return Err(bad(format!("'{what}' is empty")));
+    }
+    for (pos, codec) in codecs.iter().enumerate() {
+        let cname = codec_name(codec);
+        if !allowed.contains(&cname) {
+            let sharding = if cname == SHARDING {
+                " here (only as the single codec of features or coords)"
+            } else {
+                ""
+            };
+            return Err(bad(format!(
+                "codec '{cname}' in {what} is not supported by format version 1{sharding} (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        if (pos == 0) != (cname == "bytes") {
+            return Err(bad(format!(
+                "{what} must be 'bytes' followed by {}",
+                allowed[1..].join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn open_array(
@@ -330,6 +629,8 @@ fn plan_chunks(start: u64, n: usize, picked: Option<&[usize]>, chunk_rows: u64) 
 struct ReadCtx<'a> {
     store: &'a str,
     slide: &'a str,
+    /// What a rejected feature value is called in messages.
+    bad_value: &'static str,
     /// Slide-local row of every output row (`None`: output row == slide row).
     picked: Option<&'a [usize]>,
 }
@@ -343,7 +644,7 @@ impl ReadCtx<'_> {
 /// Decode the chunks listed in `tasks` of `array` (with `ncols` columns) into `out`, converting each
 /// source row slice with `convert`, which returns the first bad element index of its input.
 fn read_rows<T, O, F>(
-    array: &Array<FilesystemStore>,
+    array: &RowArray,
     ncols: usize,
     tasks: &[ChunkTask],
     out: &mut [O],
@@ -362,31 +663,11 @@ where
         pieces.push((t, head));
         rest = tail;
     }
-    let options = CodecOptions::default().with_concurrent_target(1);
     let results: Vec<Result<()>> = pieces
         .into_par_iter()
         .map(|(task, dst)| {
-            let indices = [task.chunk, 0];
-            let key = array.chunk_key(&indices);
-            let bytes = match array
-                .retrieve_chunk_if_exists_opt::<ArrayBytes<'static>>(&indices, &options)
-            {
-                Ok(Some(b)) => b,
-                Ok(None) => {
-                    return Err(Error::Store(format!(
-                        "store {}: slide {}: chunk {key} is missing",
-                        ctx.store, ctx.slide
-                    )))
-                }
-                Err(e) => {
-                    return Err(Error::Store(format!(
-                        "store {}: slide {}: chunk {key} is corrupt or truncated: {}",
-                        ctx.store,
-                        ctx.slide,
-                        one_line(e)
-                    )))
-                }
-            };
+            let key = array.label(task.chunk);
+            let bytes = array.fetch(task.chunk, ctx)?;
             let raw = bytes.into_fixed().map_err(|e| {
                 Error::Store(format!(
                     "store {}: slide {}: chunk {key}: {}",
@@ -415,9 +696,10 @@ where
             let bad_row = |out_offset: usize| -> Error {
                 let out_row = task.out_row + out_offset;
                 Error::Data(format!(
-                    "store {}: slide {}: non-finite feature value in row {} (chunk {key})",
+                    "store {}: slide {}: {} in row {} (chunk {key})",
                     ctx.store,
                     ctx.slide,
+                    ctx.bad_value,
                     ctx.slide_row(out_row)
                 ))
             };
@@ -619,12 +901,12 @@ impl CohortStore {
                 ),
             ));
         }
-        if fmeta.chunk_shape[1] != feature_dim {
+        if fmeta.read_chunk_shape()[1] != feature_dim {
             return Err(bad(
                 "features",
                 format!(
                     "chunk shape {:?} does not span all {feature_dim} columns",
-                    fmeta.chunk_shape
+                    fmeta.read_chunk_shape()
                 ),
             ));
         }
@@ -656,12 +938,12 @@ impl CohortStore {
                 format!("{} rows but features has {n_patches}", cmeta.shape[0]),
             ));
         }
-        if cmeta.chunk_shape[1] != 2 {
+        if cmeta.read_chunk_shape()[1] != 2 {
             return Err(bad(
                 "coords",
                 format!(
                     "chunk shape {:?} does not span both columns",
-                    cmeta.chunk_shape
+                    cmeta.read_chunk_shape()
                 ),
             ));
         }
@@ -692,8 +974,13 @@ impl CohortStore {
             Arc::new(FilesystemStore::new(&root).map_err(|e| {
                 Error::Store(format!("store {store}: cannot open: {}", one_line(e)))
             })?);
-        let features = open_array(store, &fs, "features")?;
-        let coords = open_array(store, &fs, "coords")?;
+        let features = RowArray::new(
+            store,
+            "features",
+            open_array(store, &fs, "features")?,
+            &fmeta,
+        )?;
+        let coords = RowArray::new(store, "coords", open_array(store, &fs, "coords")?, &cmeta)?;
         let offsets_arr = open_array(store, &fs, "offsets")?;
 
         let offsets = read_offsets(
@@ -748,8 +1035,8 @@ impl CohortStore {
             n_patches,
             feat_dtype,
             coord_dtype,
-            feat_chunk_rows: fmeta.chunk_shape[0],
-            coord_chunk_rows: cmeta.chunk_shape[0],
+            feat_chunk_rows: fmeta.read_chunk_shape()[0],
+            coord_chunk_rows: cmeta.read_chunk_shape()[0],
             offsets,
             header_json,
             features,
@@ -785,9 +1072,33 @@ impl CohortStore {
     pub fn dtype(&self) -> FeatureDtype {
         self.feat_dtype
     }
-    /// Rows per chunk of `features`.
+    /// Rows per chunk of `features` (per inner chunk of a sharded store).
     pub fn chunk_rows(&self) -> u64 {
         self.feat_chunk_rows
+    }
+    /// Rows per shard of `features`, for a sharded (format version 1.1) store.
+    pub fn shard_rows(&self) -> Option<u64> {
+        self.features
+            .shards
+            .as_ref()
+            .map(|s| s.chunks_per_shard * self.feat_chunk_rows)
+    }
+
+    /// Ask the kernel to start reading the chunks of slide `index` into the page cache, so that
+    /// many reads are in flight while the decoding threads work on earlier bags. Best effort: it
+    /// never fails (a bad index or an unreadable file is reported by the read itself).
+    pub fn advise(&self, index: usize) {
+        if index >= self.slide_ids.len() {
+            return;
+        }
+        let root = Path::new(&self.path);
+        let (start, end) = (
+            self.offsets[index] as u64,
+            self.offsets[index + 1] as u64 - 1,
+        );
+        for arr in [&self.features, &self.coords] {
+            arr.advise(root, start / arr.chunk_rows, end / arr.chunk_rows);
+        }
     }
     /// The root `attributes["momkd"]` as JSON text.
     pub fn header_json(&self) -> &str {
@@ -850,6 +1161,22 @@ impl CohortStore {
         seed: u64,
         epoch: u64,
     ) -> Result<BagData> {
+        self.read_as(index, max_patches, seed, epoch, OutDtype::F32)
+    }
+
+    /// [`CohortStore::read`] handing the features over as `out` (float16 from a float32 store is
+    /// overflow-checked: a value above 65504 is an [`Error::Data`] naming the row).
+    ///
+    /// # Errors
+    /// As [`CohortStore::read`].
+    pub fn read_as(
+        &self,
+        index: usize,
+        max_patches: Option<usize>,
+        seed: u64,
+        epoch: u64,
+        out: OutDtype,
+    ) -> Result<BagData> {
         let p = self.bag_len(index)?;
         if max_patches == Some(0) {
             return Err(Error::Config("max_patches must be at least 1".into()));
@@ -860,31 +1187,50 @@ impl CohortStore {
         let ctx = ReadCtx {
             store: &self.path,
             slide: &self.slide_ids[index],
+            bad_value: match (self.feat_dtype, out) {
+                (FeatureDtype::F32, OutDtype::F16) => {
+                    "non-finite feature value, or one that overflows float16 (|x| > 65504),"
+                }
+                _ => "non-finite feature value",
+            },
             picked: picked.as_deref(),
         };
         let d = self.feature_dim;
-        let mut features = vec![0f32; n_rows * d];
         let ftasks = plan_chunks(start, p, picked.as_deref(), self.feat_chunk_rows);
         let mut coords = vec![0i64; n_rows * 2];
         let ctasks = plan_chunks(start, p, picked.as_deref(), self.coord_chunk_rows);
+        let fa = &self.features;
         let (fres, cres) = rayon::join(
-            || match self.feat_dtype {
-                FeatureDtype::F16 => read_rows::<f16, f32, _>(
-                    &self.features,
-                    d,
-                    &ftasks,
-                    &mut features,
-                    &ctx,
-                    f16_to_f32_checked,
-                ),
-                FeatureDtype::F32 => read_rows::<f32, f32, _>(
-                    &self.features,
-                    d,
-                    &ftasks,
-                    &mut features,
-                    &ctx,
-                    f32_copy_checked,
-                ),
+            || -> Result<FeatureBuf> {
+                Ok(match (self.feat_dtype, out) {
+                    (FeatureDtype::F16, OutDtype::F32) => {
+                        let mut v = vec![0f32; n_rows * d];
+                        read_rows::<f16, f32, _>(fa, d, &ftasks, &mut v, &ctx, f16_to_f32_checked)?;
+                        FeatureBuf::F32(v)
+                    }
+                    (FeatureDtype::F32, OutDtype::F32) => {
+                        let mut v = vec![0f32; n_rows * d];
+                        read_rows::<f32, f32, _>(fa, d, &ftasks, &mut v, &ctx, f32_copy_checked)?;
+                        FeatureBuf::F32(v)
+                    }
+                    (FeatureDtype::F16, OutDtype::F16) => {
+                        let mut v = vec![f16::ZERO; n_rows * d];
+                        read_rows::<f16, f16, _>(fa, d, &ftasks, &mut v, &ctx, f16_copy_checked)?;
+                        FeatureBuf::F16(v)
+                    }
+                    (FeatureDtype::F32, OutDtype::F16) => {
+                        let mut v = vec![f16::ZERO; n_rows * d];
+                        read_rows::<f32, f16, _>(
+                            fa,
+                            d,
+                            &ftasks,
+                            &mut v,
+                            &ctx,
+                            f32_to_f16_into_checked,
+                        )?;
+                        FeatureBuf::F16(v)
+                    }
+                })
             },
             || match self.coord_dtype {
                 CoordDtype::I32 => read_rows::<i32, i64, _>(
@@ -913,7 +1259,7 @@ impl CohortStore {
                 ),
             },
         );
-        fres?;
+        let features = fres?;
         cres?;
         Ok(BagData {
             n_rows,
@@ -1172,8 +1518,8 @@ pub(crate) mod read_tests {
             assert_eq!(sub.n_rows, 4);
             for (k, &r) in picked.iter().enumerate() {
                 assert_eq!(
-                    sub.features[k * d..(k + 1) * d],
-                    full.features[r * d..(r + 1) * d]
+                    sub.features.as_f32().unwrap()[k * d..(k + 1) * d],
+                    full.features.as_f32().unwrap()[r * d..(r + 1) * d]
                 );
                 assert_eq!(sub.coords[k * 2..k * 2 + 2], full.coords[r * 2..r * 2 + 2]);
             }

@@ -556,7 +556,7 @@ def test_wrong_dtype(tmp_path: Path, bags: dict[str, tuple[np.ndarray, np.ndarra
         Store.open(str(path))
 
 
-def test_unsupported_codec_and_sharding(
+def test_unsupported_codec_and_sharded_store(
     tmp_path: Path, bags: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> None:
     # blosc (with or without a crc32c checksum) is part of the format; a codec outside it is not.
@@ -568,9 +568,12 @@ def test_unsupported_codec_and_sharding(
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=r"'features'.*bz2"):
         Store.open(str(path))
+    # Sharding is format version 1.1 (tests/test_sharding.py): read like the unsharded store.
     path = write_store(tmp_path / "s.zarr", bags, chunk_rows=4, shards=(8, D))
-    with pytest.raises(StoreError, match=r"'features'.*sharding"):
-        Store.open(str(path))
+    sharded, plain = Store.open(str(path)), Store.open(str(write_store(tmp_path / "p.zarr", bags)))
+    assert sharded.shard_rows == 8 and sharded.chunk_rows == 4 and plain.shard_rows is None
+    for i in range(len(bags)):
+        assert np.array_equal(sharded.read(i)[0], plain.read(i)[0])
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ __all__ = [
     "Store",
     "StoreError",
     "__version__",
+    "bag_rows",
     "check_finite",
     "knn_graph",
     "to_float16_checked",
@@ -94,7 +95,11 @@ class Store:
 
     @property
     def chunk_rows(self) -> int:
-        """Rows per chunk of ``features``."""
+        """Rows per chunk of ``features`` (per inner chunk of a sharded store)."""
+
+    @property
+    def shard_rows(self) -> int | None:
+        """Rows per shard of ``features`` in a sharded (format version 1.1) store, else None."""
 
     @property
     def header_json(self) -> str:
@@ -116,8 +121,13 @@ class Store:
         """CSR offsets, int64 ``(S + 1,)``: slide ``i`` owns rows ``offsets[i]:offsets[i + 1]``."""
 
     def read(
-        self, index: int, max_patches: int | None = None, seed: int = 0, epoch: int = 0
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        self,
+        index: int,
+        max_patches: int | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        dtype: str = "float32",
+    ) -> tuple[npt.NDArray[np.float32] | npt.NDArray[np.float16], npt.NDArray[np.int64]]:
         """Read slide ``index``. The GIL is released during I/O and decoding.
 
         Parameters
@@ -130,11 +140,13 @@ class Store:
             deterministic in ``(seed, epoch, index)``.
         seed, epoch
             Non-negative integers selecting the subsample.
+        dtype
+            ``"float32"`` or ``"float16"`` (a float32 store is converted with an overflow check).
 
         Returns
         -------
         features
-            float32 ``(P, D)``, C-contiguous.
+            ``dtype`` ``(P, D)``, C-contiguous.
         coords
             int64 ``(P, 2)``: level-0 ``x, y`` of each patch.
 
@@ -147,7 +159,7 @@ class Store:
         DataError
             A feature value is NaN or infinite (the message names store, slide, row and chunk).
         ConfigError
-            ``max_patches`` is 0 or negative.
+            ``max_patches`` is 0 or negative, or ``dtype`` is unknown.
         """
 
 @final
@@ -156,7 +168,9 @@ class BagPrefetcher:
 
     Up to ``prefetch`` bags are read (and their k-NN graphs built) on a pool of ``num_threads``
     threads owned by this object, with the GIL released. Dropping the iterator early cancels the
-    queued work.
+    queued work. With ``readahead > 0`` a separate I/O thread asks the kernel to read the chunks of
+    that many further bags (``posix_fadvise(WILLNEED)``), so a cold page cache is read with many
+    requests in flight.
     """
 
     def __new__(
@@ -170,6 +184,8 @@ class BagPrefetcher:
         seed: int = 0,
         epoch: int = 0,
         knn_k: int | None = 8,
+        dtype: str = "float32",
+        readahead: int = 0,
     ) -> BagPrefetcher:
         """Start reading the first bags.
 
@@ -186,11 +202,11 @@ class BagPrefetcher:
         self,
     ) -> tuple[
         int,
-        npt.NDArray[np.float32],
+        npt.NDArray[np.float32] | npt.NDArray[np.float16],
         npt.NDArray[np.int64],
         npt.NDArray[np.int64] | None,
     ]:
-        """The next bag: ``(slide index, features (P, D) float32, coords (P, 2) int64,
+        """The next bag: ``(slide index, features (P, D) float32 or dtype, coords (P, 2) int64,
         edge_index (2, E) int64 or None when knn_k is None)``.
 
         Bags come in exactly the order of ``indices``. A bag's error is raised when that bag is
@@ -199,6 +215,13 @@ class BagPrefetcher:
 
     def __len__(self) -> int:
         """Number of bags the iteration yields."""
+
+def bag_rows(
+    n: int, max_patches: int | None, seed: int, epoch: int, index: int
+) -> npt.NDArray[np.int64] | None:
+    """Rows (increasing) of a bag of ``n`` rows that a read with ``max_patches`` keeps, or None
+    when the bag is kept whole; the same rows as :meth:`Store.read` for ``(seed, epoch, index)``.
+    """
 
 def knn_graph(coords: npt.NDArray[np.generic], k: int = 8) -> npt.NDArray[np.int64]:
     """Exact k-nearest-neighbour graph on patch coordinates (docs/METHOD.md §2.2).

@@ -37,6 +37,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -90,6 +100,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         threads=args.threads,
         chunk_rows=args.chunk_rows,
         codec=args.codec,
+        shard_mb=args.shard_mb,
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -289,9 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per chunk")
     p.add_argument(
         "--codec",
-        choices=["lz4", "zstd"],
+        choices=["lz4", "zstd", "none"],
         default="lz4",
-        help="feature compression: blosc-lz4+shuffle+crc32c (fast, default) or zstd+checksum",
+        help="feature compression: blosc-lz4+shuffle+crc32c (fast, default), zstd+checksum, "
+        "or none (crc32c only)",
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=None,
+        metavar="N",
+        help="write a sharded store (format 1.1): shard files of about N MiB (64-256 suggested)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable files")
     p.add_argument(

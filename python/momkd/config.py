@@ -126,6 +126,11 @@ class DataConfig:
     label_case_insensitive: bool = _f(
         False, "match label values to data.positive/negative ignoring case and outer whitespace"
     )
+    cache: Literal["none", "host", "device", "auto"] = _f(
+        "none",
+        "cohort cache after the first epoch: none, host (RAM), device (GPU memory) or auto",
+    )
+    cache_gb: float | None = _f(None, "upper limit of the cohort cache in GB (null: no limit)")
 
 
 @dataclass
@@ -266,6 +271,10 @@ class TrainConfig:
     )
     ci_resamples: int = _f(
         2000, "stratified bootstrap resamples for the pooled test/external AUC 95% CIs (0: off)"
+    )
+    feature_dtype: Literal["auto", "float32", "float16"] = _f(
+        "auto",
+        "type the loader hands features over in (auto: float16 on CUDA, converted on the device)",
     )
 
 
@@ -687,6 +696,9 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
     require(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1")
     require(t.ci_resamples >= 0, "train.ci_resamples", "must be >= 0")
+    require(
+        cfg.data.cache_gb is None or cfg.data.cache_gb > 0, "data.cache_gb", "must be > 0 or null"
+    )
 
 
 # --------------------------------------------------------------------------------- public entries

@@ -47,9 +47,11 @@ from momkd.data.info import decoded_bytes
 from momkd.data.store import (
     FEATURE_DTYPES,
     StoreWriter,
+    default_chunk_rows,
     describe_error,
     prepare_bag,
     read_header,
+    shard_rows_for,
     validate_slide_id,
 )
 from momkd.errors import DataError, IngestError, MomkdError, StoreError
@@ -396,6 +398,7 @@ def ingest(
     progress: bool = True,
     attrs: Mapping[str, Any] | None = None,
     grid_coords_ok: bool = False,
+    shard_mb: float | None = None,
 ) -> dict[str, Any]:
     """Ingest a folder of ``.h5`` / ``.pt`` feature files into a cohort store.
 
@@ -414,8 +417,12 @@ def ingest(
         Reader threads (default ``min(8, os.cpu_count())``).
     chunk_rows : int, optional
         Rows per chunk (default about 1.5 MiB per feature chunk; a resumed store keeps its own).
-    codec : {"lz4", "zstd"}
+    codec : {"lz4", "zstd", "none"}
         Feature compression (see :class:`~momkd.data.store.StoreWriter`).
+    shard_mb : float, optional
+        Write a sharded store (format version 1.1): ``features`` shards of about this many MiB
+        (decoded; 64-256 suit HPC file systems and object stores), ``coords`` sharded alike. A
+        resumed store keeps its own layout.
     skip_bad : bool
         Log and count a bad file and go on, instead of stopping at it.
     overwrite : bool
@@ -478,6 +485,8 @@ def ingest(
         "n_sources": len(sources),
     }
 
+    if shard_mb is not None and not shard_mb > 0:
+        raise IngestError(f"ingest {out_path}: shard_mb must be > 0, got {shard_mb!r}")
     writer = _open_existing(out_path, meta, dtype, chunk_rows, overwrite, codec)
     fresh_overwrite = overwrite or (out_path.exists() and writer is None)
     resumed = writer.resumed_slides if writer is not None else 0
@@ -530,12 +539,16 @@ def ingest(
             if writer is None:
                 first_attrs = file_attrs
                 header_attrs = {**_header_hints(file_attrs), **dict(attrs or {})}
+                rows = chunk_rows or default_chunk_rows(feats.shape[1], dtype)
                 writer = StoreWriter(
                     out_path,
                     feats.shape[1],
                     dtype=dtype,
-                    chunk_rows=chunk_rows,
+                    chunk_rows=rows,
                     codec=codec,
+                    shard_rows=None
+                    if shard_mb is None
+                    else shard_rows_for(shard_mb, feats.shape[1], rows, dtype),
                     attrs=header_attrs,
                     overwrite=fresh_overwrite,
                     ingest_meta={**meta, "skipped": skipped_before + skipped},

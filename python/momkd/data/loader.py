@@ -17,9 +17,13 @@ from momkd.errors import ConfigError, SlideNotFoundError
 if TYPE_CHECKING:
     import torch
 
+    from momkd.data.cache import BagCache
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Bag", "BagLoader", "epoch_order"]
+__all__ = ["FEATURE_OUT_DTYPES", "Bag", "BagLoader", "epoch_order"]
+
+FEATURE_OUT_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -31,8 +35,9 @@ class Bag:
     slide_id : str
     index : int
         Position of the slide in the store.
-    features : torch.Tensor, float32, shape (P, D)
-        Shares memory with the buffer the Rust loader filled (no copy).
+    features : torch.Tensor, float32 (or float16 with ``dtype="float16"``), shape (P, D)
+        Shares memory with the buffer the Rust loader filled (no copy; page-locked copy with
+        ``pin_memory=True``).
     coords : torch.Tensor, int64, shape (P, 2)
         Level-0 pixel ``(x, y)`` of each patch.
     edge_index : torch.Tensor, int64, shape (2, E), or None
@@ -70,6 +75,17 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)])
     return rng.permutation(n).astype(np.int64)
+
+
+def _pinned(bag: Bag) -> Bag:
+    """``bag`` with its tensors copied to page-locked memory."""
+    return Bag(
+        slide_id=bag.slide_id,
+        index=bag.index,
+        features=bag.features.pin_memory(),
+        coords=bag.coords.pin_memory(),
+        edge_index=None if bag.edge_index is None else bag.edge_index.pin_memory(),
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
@@ -111,6 +127,22 @@ class BagLoader:
     rank, world_size : int
         Shard of this process.
     drop_uneven : bool
+    dtype : {"float32", "float16"}
+        Type of ``Bag.features``. ``float16`` hands over half the bytes (a float16 store is copied
+        as it is; a float32 store is converted with an overflow check); convert on the device.
+    pin_memory : bool
+        Copy each bag's tensors into page-locked memory so that host-to-GPU copies can run
+        asynchronously (``tensor.to(device, non_blocking=True)``). Ignored without CUDA.
+    readahead : int, optional
+        Bags beyond the ``prefetch`` being decoded whose chunks a dedicated I/O thread asks the
+        kernel to read (``posix_fadvise(WILLNEED)``), so that a cold page cache is read with many
+        requests in flight whatever ``num_threads`` is. ``0`` turns it off; default
+        ``max(8, 2 * prefetch)``. Costs page cache, not process memory.
+    cache : BagCache, optional
+        A cohort cache of this store (:mod:`momkd.data.cache`): bags it holds are served from host
+        or GPU memory; bags it does not hold are read whole, added to it (within its budget) and
+        served from it. Subsampling and the graph are applied when serving, so the bags are exactly
+        those of an uncached loader. With a device cache, every bag comes on the cache's device.
 
     Raises
     ------
@@ -134,6 +166,10 @@ class BagLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_uneven: bool = False,
+        dtype: str = "float32",
+        pin_memory: bool = False,
+        readahead: int | None = None,
+        cache: BagCache | None = None,
     ) -> None:
         self.store = store if isinstance(store, CohortStore) else CohortStore.open(store)
         if slide_ids is None:
@@ -165,6 +201,20 @@ class BagLoader:
                 f"BagLoader: rank {self.rank} is not below world_size {self.world_size}"
             )
         self.drop_uneven = bool(drop_uneven)
+        if dtype not in FEATURE_OUT_DTYPES:
+            raise ConfigError(
+                f"BagLoader: dtype must be one of {FEATURE_OUT_DTYPES}, got {dtype!r}"
+            )
+        self.dtype = str(dtype)
+        self.pin_memory = bool(pin_memory)
+        if readahead is None:
+            readahead = max(8, 2 * self.prefetch)
+        self.readahead = _check_int("readahead", readahead, 0)
+        if cache is not None and cache.store_path != self.store.path:
+            raise ConfigError(
+                f"BagLoader: the cache belongs to store {cache.store_path}, not {self.store.path}"
+            )
+        self.cache = cache
         self._epoch = 0
         self._manual_epoch = False
 
@@ -209,6 +259,11 @@ class BagLoader:
         epoch = self._epoch
         positions = self.order(epoch)
         store_indices = [int(self._indices[p]) for p in positions]
+        if self.cache is not None:
+            yield from self._iter_cached(epoch, positions, store_indices)
+            if not self._manual_epoch:
+                self._epoch = epoch + 1
+            return
         prefetcher = _core.BagPrefetcher(
             self.store.core,
             store_indices,
@@ -218,20 +273,92 @@ class BagLoader:
             seed=self.seed,
             epoch=epoch,
             knn_k=self.knn_k,
+            dtype=self.dtype,
+            readahead=self.readahead,
         )
+        pin = self.pin_memory and torch.cuda.is_available()
         for pos, expected in zip(positions, store_indices, strict=True):
             index, feats, coords, edges = next(prefetcher)
             if index != expected:  # the prefetcher is ordered; anything else is a bug
                 raise RuntimeError(f"BagLoader: expected slide index {expected}, got {index}")
-            yield Bag(
+            bag = Bag(
                 slide_id=self.slide_ids[pos],
                 index=int(index),
                 features=torch.from_numpy(feats),
                 coords=torch.from_numpy(coords),
                 edge_index=None if edges is None else torch.from_numpy(edges),
             )
+            yield _pinned(bag) if pin else bag
         if not self._manual_epoch:
             self._epoch = epoch + 1
+
+    def _iter_cached(
+        self, epoch: int, positions: list[int], store_indices: list[int]
+    ) -> Iterator[Bag]:
+        """Serve cached bags from the cache; read the others whole, cache and serve them."""
+        import torch
+
+        from momkd.data.cache import CachedBag, serve_bag
+
+        cache = self.cache
+        assert cache is not None
+        cached = {i for i in store_indices if i in cache}
+        missing = [i for i in store_indices if i not in cached]
+        prefetcher = None
+        if missing:
+            prefetcher = _core.BagPrefetcher(
+                self.store.core,
+                missing,
+                num_threads=self.num_threads,
+                prefetch=self.prefetch,
+                max_patches=None,
+                seed=self.seed,
+                epoch=epoch,
+                knn_k=self.knn_k,
+                dtype=cache.dtype,
+                readahead=self.readahead,
+            )
+
+        def serve(entry: CachedBag, index: int) -> tuple[Any, Any, Any]:
+            return serve_bag(
+                entry,
+                index,
+                max_patches=self.max_patches,
+                seed=self.seed,
+                epoch=epoch,
+                knn_k=self.knn_k,
+                dtype=self.dtype,
+            )
+
+        pin = self.pin_memory and torch.cuda.is_available() and cache.kind == "host"
+        for pos, expected in zip(positions, store_indices, strict=True):
+            if expected in cached:
+                cache.hits += 1
+                feats, coords, edges = cache.serve_entry(expected, serve)
+            else:
+                assert prefetcher is not None
+                index, f, c, e = next(prefetcher)
+                if index != expected:  # the prefetcher is ordered; anything else is a bug
+                    raise RuntimeError(f"BagLoader: expected slide index {expected}, got {index}")
+                cache.misses += 1
+                if cache.put(index, f, c, e, self.knn_k):
+                    feats, coords, edges = cache.serve_entry(index, serve)
+                else:  # over the cache's budget: serve this read alone
+                    whole = CachedBag(
+                        features=torch.from_numpy(f).to(cache.device),
+                        coords=torch.from_numpy(c),
+                    )
+                    if e is not None and self.knn_k is not None:
+                        whole.edges[self.knn_k] = torch.from_numpy(e).to(cache.device)
+                    feats, coords, edges = serve(whole, index)
+            bag = Bag(
+                slide_id=self.slide_ids[pos],
+                index=expected,
+                features=feats,
+                coords=coords,
+                edge_index=edges,
+            )
+            yield _pinned(bag) if pin else bag
 
     def __repr__(self) -> str:
         return (

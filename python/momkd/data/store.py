@@ -52,6 +52,7 @@ __all__ = [
     "StoreWriter",
     "check_count",
     "default_chunk_rows",
+    "shard_rows_for",
     "prepare_bag",
     "read_header",
     "validate_slide_id",
@@ -59,6 +60,9 @@ __all__ = [
 
 FORMAT_NAME = "momkd-cohort"
 FORMAT_VERSION = 1
+# Sharded stores (``sharding_indexed`` on features and coords) are format version 1.1: the header
+# keeps ``format_version: 1`` and adds ``format_minor: 1``.
+FORMAT_MINOR_SHARDED = 1
 FEATURE_DTYPES = ("float16", "float32")
 ZSTD_LEVEL = 3
 OFFSETS_CHUNK = 4096
@@ -121,6 +125,36 @@ def default_chunk_rows(feature_dim: int, dtype: str = "float16") -> int:
     rows = _TARGET_CHUNK_BYTES / (max(1, feature_dim) * itemsize)
     power = 2 ** round(math.log2(max(rows, 1.0)))
     return int(min(max(power, _MIN_CHUNK_ROWS), _MAX_CHUNK_ROWS))
+
+
+def shard_rows_for(
+    shard_mb: float, feature_dim: int, chunk_rows: int, dtype: str = "float16"
+) -> int:
+    """Rows per shard so that one ``features`` shard holds about ``shard_mb`` MiB (decoded).
+
+    Parameters
+    ----------
+    shard_mb : float
+        Target shard size in MiB (64-256 suits HPC file systems and object stores).
+    feature_dim, chunk_rows : int
+        ``D`` and the inner chunk ``R``.
+    dtype : {"float16", "float32"}
+
+    Returns
+    -------
+    int
+        A multiple of ``chunk_rows``, at least ``chunk_rows``.
+
+    Raises
+    ------
+    DataError
+        If ``shard_mb`` is not positive.
+    """
+    if not shard_mb > 0:
+        raise DataError(f"shard size must be > 0 MiB, got {shard_mb!r}")
+    row_bytes = max(1, feature_dim) * np.dtype(dtype).itemsize
+    chunks = round(shard_mb * 2**20 / (row_bytes * chunk_rows))
+    return int(max(1, chunks) * chunk_rows)
 
 
 def validate_slide_id(slide_id: object, where: str = "") -> str:
@@ -247,7 +281,7 @@ def _zstd() -> Any:
     return ZstdCodec(level=ZSTD_LEVEL, checksum=True)
 
 
-FEATURE_CODECS = ("lz4", "zstd")
+FEATURE_CODECS = ("lz4", "zstd", "none")
 
 
 def _feature_compressors(codec: str, dtype: str) -> list[Any]:
@@ -257,11 +291,15 @@ def _feature_compressors(codec: str, dtype: str) -> list[Any]:
     embeddings are close to incompressible noise for entropy coders; byte shuffling isolates the
     compressible exponent bytes and LZ4 decodes several times faster than zstd, so reading stays
     ahead of the model. ``zstd``: zstd level 3 with its frame checksum (smaller on very redundant
-    features, slower to decode). Either way every chunk carries a checksum.
+    features, slower to decode). ``none``: no compression, only the CRC-32C checksum (the most bytes
+    on disk, the least decoding). Every chunk carries a checksum.
     """
     if codec == "zstd":
         return [_zstd()]
     from zarr.codecs import BloscCodec, Crc32cCodec
+
+    if codec == "none":
+        return [Crc32cCodec()]
 
     return [
         BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
@@ -398,9 +436,14 @@ class StoreWriter:
         Storage type of the features (default float16; conversion is overflow-checked).
     chunk_rows : int, optional
         Rows per chunk ``R``; default :func:`default_chunk_rows` (about 1.5 MiB per feature chunk).
-    codec : {"lz4", "zstd"}
+    codec : {"lz4", "zstd", "none"}
         Compression of ``features``: blosc-LZ4 with byte shuffle + CRC-32C (default, fastest to
-        read) or zstd level 3 with checksum. ``coords`` and ``offsets`` always use zstd.
+        read), zstd level 3 with checksum, or none (CRC-32C only). ``coords`` and ``offsets``
+        always use zstd.
+    shard_rows : int, optional
+        Write ``features`` and ``coords`` sharded (format version 1.1, ``sharding_indexed``): this
+        many rows per shard file, a multiple of ``chunk_rows`` (the inner chunk). See
+        :func:`shard_rows_for` for a size in MiB. Default: unsharded (one file per chunk).
     attrs : mapping, optional
         Extra header keys: ``encoder``, ``magnification``, ``patch_size``, ``provenance`` and any
         other JSON value. Required keys (``format``, ``slide_ids``, ...) cannot be overridden.
@@ -432,6 +475,7 @@ class StoreWriter:
         overwrite: bool = False,
         ingest_meta: Mapping[str, Any] | None = None,
         commit_interval: float = 0.5,
+        shard_rows: int | None = None,
     ) -> None:
         self._path = Path(path)
         if codec not in FEATURE_CODECS:
@@ -455,9 +499,21 @@ class StoreWriter:
             raise DataError(
                 f"store {self._path}: chunk_rows must be a positive integer, got {chunk_rows!r}"
             )
+        if shard_rows is not None and (
+            isinstance(shard_rows, bool)
+            or int(shard_rows) != shard_rows
+            or shard_rows < chunk_rows
+            or shard_rows % chunk_rows
+        ):
+            raise DataError(
+                f"store {self._path}: shard_rows must be a positive multiple of chunk_rows "
+                f"({chunk_rows}), got {shard_rows!r}"
+            )
         self._init_state(
             int(feature_dim), dtype, int(chunk_rows), attrs, ingest_meta, commit_interval
         )
+        self._shard_rows = None if shard_rows is None else int(shard_rows)
+        self._unit = self._shard_rows or self._rows
 
         if self._path.exists() or self._path.is_symlink():
             if not overwrite:
@@ -520,16 +576,24 @@ class StoreWriter:
             # written too (zarr-python skips them by default).
             "config": {"write_empty_chunks": True},
         }
+        shard = self._shard_rows
         self._feat = zarr.create_array(
             store,
             name="features",
             shape=(0, self._dim),
             dtype=self._dtype,
             chunks=(self._rows, self._dim),
+            shards=None if shard is None else (shard, self._dim),
             **{**common, "compressors": _feature_compressors(self._codec, self._dtype)},
         )
         self._coord = zarr.create_array(
-            store, name="coords", shape=(0, 2), dtype="int32", chunks=(self._rows, 2), **common
+            store,
+            name="coords",
+            shape=(0, 2),
+            dtype="int32",
+            chunks=(self._rows, 2),
+            shards=None if shard is None else (shard, 2),
+            **common,
         )
         self._off = zarr.create_array(
             store, name="offsets", shape=(1,), dtype="int64", chunks=(OFFSETS_CHUNK,), **common
@@ -578,7 +642,14 @@ class StoreWriter:
         if codec not in FEATURE_CODECS:
             raise StoreError(f"{where}: unknown codec {codec!r} in 'ingest' state")
         self._codec = codec
+        shard_rows = state.get("shard_rows")
+        if shard_rows is not None and (
+            not isinstance(shard_rows, int) or shard_rows < rows or shard_rows % rows
+        ):
+            raise StoreError(f"{where}: inconsistent 'shard_rows' in 'ingest' state")
         self._init_state(dim, dtype, rows, None, state.get("meta") or {}, commit_interval)
+        self._shard_rows = shard_rows
+        self._unit = shard_rows or rows
         self._attrs = attrs
         self._created = str(state.get("created", self._created))
         for sid in ids:
@@ -613,6 +684,7 @@ class StoreWriter:
             or feat.shape[1] != self._dim
             or str(feat.dtype) != self._dtype
             or feat.chunks[0] != self._rows
+            or (feat.shards[0] if feat.shards is not None else None) != self._shard_rows
             or coord.ndim != 2
             or coord.shape[1] != 2
             or off.ndim != 1
@@ -626,13 +698,14 @@ class StoreWriter:
             raise StoreError(f"{where}: offsets cannot be read ({describe_error(exc)})") from None
         if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != rows_done:
             raise StoreError(f"{where}: committed offsets are inconsistent with the header")
-        base = (rows_done // self._rows) * self._rows
+        # The unit written at once: a chunk, or a whole shard of a sharded store.
+        base = (rows_done // self._unit) * self._unit
         if base < rows_done:
             # zarr-python reads a missing chunk as fill values; committed rows must really be there.
             for name in ("features", "coords"):
-                if not (self._path / name / "c" / str(base // self._rows) / "0").is_file():
+                if not (self._path / name / "c" / str(base // self._unit) / "0").is_file():
                     raise StoreError(
-                        f"{where}: chunk {name}/c/{base // self._rows}/0 holding committed rows "
+                        f"{where}: chunk {name}/c/{base // self._unit}/0 holding committed rows "
                         f"{base}..{rows_done} is missing"
                     )
             try:
@@ -640,7 +713,7 @@ class StoreWriter:
                 tail_c = np.asarray(coord[base:rows_done])
             except Exception as exc:  # noqa: BLE001 - zarr raises several types for unreadable chunks
                 raise StoreError(
-                    f"{where}: chunk {base // self._rows} holding committed rows {base}..{rows_done} "
+                    f"{where}: chunk {base // self._unit} holding committed rows {base}..{rows_done} "
                     f"cannot be read ({describe_error(exc)})"
                 ) from None
             self._tail_f = [np.ascontiguousarray(tail_f, dtype=self._dtype)]
@@ -673,8 +746,13 @@ class StoreWriter:
 
     @property
     def chunk_rows(self) -> int:
-        """Rows per chunk ``R``."""
+        """Rows per chunk ``R`` (the inner chunk of a sharded store)."""
         return self._rows
+
+    @property
+    def shard_rows(self) -> int | None:
+        """Rows per shard of a sharded store, else ``None``."""
+        return self._shard_rows
 
     @property
     def slide_ids(self) -> list[str]:
@@ -804,7 +882,7 @@ class StoreWriter:
         self._tail_f.append(feats)
         self._tail_c.append(crd)
         self._tail_rows += feats.shape[0]
-        if self._tail_rows >= self._rows:
+        if self._tail_rows >= self._unit:
             self._flush_full_chunks()
         self._maybe_commit()
 
@@ -813,7 +891,8 @@ class StoreWriter:
             raise StoreError(f"store {self._path}: writer is closed")
 
     def _flush_full_chunks(self) -> None:
-        n = (self._tail_rows // self._rows) * self._rows
+        # Whole chunks, or whole shards of a sharded store, so that every file is written once.
+        n = (self._tail_rows // self._unit) * self._unit
         feats = self._tail_f[0] if len(self._tail_f) == 1 else np.concatenate(self._tail_f)
         crd = self._tail_c[0] if len(self._tail_c) == 1 else np.concatenate(self._tail_c)
         self._write_rows(feats[:n], crd[:n], self._flushed + n)
@@ -880,6 +959,8 @@ class StoreWriter:
             "n_patches": self._offsets[n],
             "slide_ids": self._ids[:n],
         }
+        if self._shard_rows is not None:
+            header["format_minor"] = FORMAT_MINOR_SHARDED
         header.setdefault("encoder", None)
         header.setdefault("magnification", None)
         header.setdefault("patch_size", None)
@@ -892,6 +973,7 @@ class StoreWriter:
                 "feature_dim": self._dim,
                 "dtype": self._dtype,
                 "chunk_rows": self._rows,
+                "shard_rows": self._shard_rows,
                 "codec": self._codec,
                 "created": self._created,
                 "updated": _now_iso(),
@@ -1046,7 +1128,11 @@ class CohortStore:
         In storage order.
     feature_dim : int
     dtype : str
-        Storage type of the features (reads always return float32).
+        Storage type of the features (reads return float32 unless asked for float16).
+    chunk_rows : int
+        Rows per chunk of ``features`` (per inner chunk of a sharded store).
+    shard_rows : int or None
+        Rows per shard of a sharded (format version 1.1) store, else ``None``.
     header : dict
         The store header (``docs/FORMAT.md``).
     """
@@ -1058,6 +1144,8 @@ class CohortStore:
         self.feature_dim: int = int(core.feature_dim)
         self.dtype: str = str(core.dtype)
         self.chunk_rows: int = int(core.chunk_rows)
+        shard_rows = getattr(core, "shard_rows", None)
+        self.shard_rows: int | None = None if shard_rows is None else int(shard_rows)
         self.n_patches: int = int(core.n_patches)
         header = json.loads(core.header_json)
         if (
@@ -1171,19 +1259,22 @@ class CohortStore:
         max_patches: int | None = None,
         seed: int = 0,
         epoch: int = 0,
+        dtype: str = "float32",
     ) -> SlideArrays:
-        """Read one slide, decoded to float32.
+        """Read one slide, decoded to float32 (or float16).
 
         Parameters
         ----------
         slide_id : str
         max_patches : int, optional
             Keep a random subset of at most this many rows (deterministic per seed, epoch, slide).
+        dtype : {"float32", "float16"}
+            Type of the returned features.
 
         Returns
         -------
         SlideArrays
-            ``features`` float32 (P, D), ``coords`` int64 (P, 2).
+            ``features`` ``dtype`` (P, D), ``coords`` int64 (P, 2).
 
         Raises
         ------
@@ -1197,7 +1288,7 @@ class CohortStore:
         idx = self.index_of(slide_id)
         if max_patches is not None:
             max_patches = check_count("max_patches", max_patches, 1, f"store {self.path}")
-        feats, coords = self._core.read(idx, max_patches, seed, epoch)
+        feats, coords = self._core.read(idx, max_patches, seed, epoch, dtype)
         return SlideArrays(slide_id=slide_id, index=idx, features=feats, coords=coords)
 
     def __getitem__(self, slide_id: str) -> SlideArrays:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from momkd._io import atomic_write_text
 from momkd.config import RunConfig
+from momkd.data.cache import BagCache, shared_cache
 from momkd.data.loader import Bag, BagLoader
 from momkd.data.store import CohortStore
 from momkd.errors import ConfigError, DataError, MomkdError
@@ -363,12 +364,12 @@ def collate(
         raise DataError("collate: the model needs a k-NN graph but the loader returned none")
     if len(bags) == 1:
         b = bags[0]
-        edges = b.edge_index.to(device) if graph and b.edge_index is not None else None
-        return b.features.to(device), edges, None
+        edges = _to(b.edge_index, device) if graph and b.edge_index is not None else None
+        return _to(b.features, device).float(), edges, None
     sizes = [b.n_patches for b in bags]
     offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
-    feats = torch.cat([b.features for b in bags]).to(device)
+    feats = _to(torch.cat([b.features for b in bags]), device).float()
     edges = None
     if graph:
         parts = [
@@ -376,6 +377,20 @@ def collate(
         ]
         edges = torch.cat(parts, dim=1).to(device)
     return feats, edges, offsets.to(device)
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; asynchronous from page-locked memory (float16 is widened there)."""
+    return t.to(device, non_blocking=t.is_pinned())
+
+
+def feature_dtype_for(cfg: RunConfig, device: torch.device) -> str:
+    """``train.feature_dtype`` resolved: ``auto`` is float16 on CUDA (half the bytes to copy, widened
+    on the device) and float32 elsewhere."""
+    want = cfg.train.feature_dtype
+    if want == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    return want
 
 
 def _chunks(it: Iterator[Bag], total: int, size: int, wait: list[float]) -> Iterator[list[Bag]]:
@@ -511,6 +526,8 @@ def run_inference(
     progress: bool = False,
     desc: str = "predict",
     members: Mapping[str, Sequence[str]] | None = None,
+    dtype: str = "float32",
+    cache: BagCache | None = None,
 ) -> InferenceResult:
     """Predict every slide with the histology branch only (eval mode, all patches).
 
@@ -539,6 +556,10 @@ def run_inference(
     members : mapping, optional
         Unit -> slide ids when ``slide_ids`` are patients (``data.bag: patient``): each patient is
         predicted as one bag made of its slides.
+    dtype : {"float32", "float16"}
+        Loader hand-off type (float16 is widened on ``device``).
+    cache : BagCache, optional
+        Cohort cache of ``store`` (:mod:`momkd.data.cache`).
 
     Returns
     -------
@@ -564,6 +585,9 @@ def run_inference(
                 knn_k=knn_k if graph else None,
                 num_threads=num_threads,
                 prefetch=max(1, prefetch),
+                dtype=dtype,
+                pin_memory=device.type == "cuda",
+                cache=cache,
             )
             bar = tqdm(total=len(ids), desc=desc, disable=not progress, leave=False)
             for i, bag in enumerate(loader):
@@ -781,6 +805,14 @@ class FoldTrainer:
         self.loader_threads = 1 if cfg.train.deterministic else cfg.train.num_threads
         self.knn_k = int(cfg.train.knn_k)
         self.graph = uses_graph(self.method)
+        self.feature_dtype = feature_dtype_for(cfg, device)
+        self.cache = shared_cache(
+            store,
+            cfg.data.cache,
+            device=device,
+            cache_gb=cfg.data.cache_gb,
+            knn_k=self.knn_k if self.graph else None,
+        )
         from momkd.config import config_to_dict
 
         self.config_dict = config_to_dict(cfg)
@@ -883,6 +915,9 @@ class FoldTrainer:
             knn_k=self.knn_k if (self.graph if graph is None else graph) else None,
             num_threads=self.loader_threads,
             prefetch=max(1, self.cfg.train.prefetch),
+            dtype=self.feature_dtype,
+            pin_memory=self.device.type == "cuda",
+            cache=self.cache,
         )
 
     def _fit_standardizer(self) -> None:
@@ -1059,6 +1094,8 @@ class FoldTrainer:
             num_threads=self.loader_threads,
             prefetch=self.cfg.train.prefetch,
             members=self.data.members,
+            dtype=self.feature_dtype,
+            cache=self.cache,
         )
 
     def _val_score(self, res: InferenceResult, epoch: int, val_auc: float) -> float:
@@ -1200,6 +1237,7 @@ class FoldTrainer:
             "num_threads": self.loader_threads,
             "prefetch": self.cfg.train.prefetch,
             "progress": self.progress,
+            "dtype": self.feature_dtype,
         }
         header = ["slide_id", "case_id", "label", "prob", "pred"]
         members = d.members

@@ -1,0 +1,426 @@
+"""A cohort cache: bags kept in host RAM or GPU memory after they were first read.
+
+On a GPU the model step takes milliseconds, so after the first epoch the loader would decide the
+epoch time. A :class:`BagCache` keeps every bag a :class:`~momkd.data.loader.BagLoader` reads, whole
+(all patches, float16 features of a float16 store, coordinates and k-NN graphs), and serves it from
+memory in later epochs. Patch subsampling (``max_patches``) and per-epoch shuffling are applied when
+a bag is *served*, with the same rows and order as a read from the store, so a cached epoch yields
+exactly the bags an uncached one does.
+
+Where the cache lives (``data.cache``):
+
+* ``none``   — no cache (flat memory: one bag at a time plus the prefetch queue);
+* ``host``   — host RAM;
+* ``device`` — GPU memory (features and graphs on the device, coordinates on the host);
+* ``auto``   — ``device`` when the cohort fits in :data:`DEVICE_FRACTION` of the free GPU memory,
+  else ``host`` when it fits in :data:`HOST_FRACTION` of the available RAM, else ``none``; the
+  choice is logged.
+
+``data.cache_gb`` caps the cache; bags that would exceed the cap (or the safe fraction of free
+memory) are read from the store every epoch. Under data parallelism every rank caches the bags it
+reads (its shard of each epoch): up to the whole cohort per rank over several epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from momkd import _core
+from momkd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from momkd.data.store import CohortStore
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_KINDS",
+    "DEVICE_FRACTION",
+    "HOST_FRACTION",
+    "BagCache",
+    "CachedBag",
+    "choose_cache",
+    "cohort_bytes",
+    "free_device_bytes",
+    "free_host_bytes",
+    "serve_bag",
+    "shared_cache",
+]
+
+CACHE_KINDS = ("none", "host", "device", "auto")
+#: Share of the free GPU memory the device cache may take (the model and activations need the rest).
+DEVICE_FRACTION = 0.5
+#: Share of the available host RAM the host cache may take.
+HOST_FRACTION = 0.5
+
+
+@dataclass
+class CachedBag:
+    """One whole bag held by a :class:`BagCache`.
+
+    Attributes
+    ----------
+    features : torch.Tensor, (P, D), float16 (float32 for a float32 store), host or device
+    coords : torch.Tensor, (P, 2), int64, host
+    edges : dict
+        ``k`` -> k-NN graph ``(2, E)`` int64 of the whole bag (on the features' device).
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    edges: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (features, coordinates and graphs)."""
+        total = self.features.numel() * self.features.element_size()
+        total += self.coords.numel() * self.coords.element_size()
+        return total + sum(e.numel() * e.element_size() for e in self.edges.values())
+
+
+def cohort_bytes(store: CohortStore, knn_k: int | None = 8) -> int:
+    """Bytes a cache of every bag of ``store`` takes (features in the store's type, int64 coords,
+    one k-NN graph of ``knn_k`` neighbours)."""
+    itemsize = np.dtype(store.dtype).itemsize
+    per_patch = store.feature_dim * itemsize + 2 * 8 + (2 * 8 * knn_k if knn_k else 0)
+    return int(store.n_patches) * per_patch
+
+
+def free_host_bytes() -> int:
+    """Available host RAM in bytes (``MemAvailable``; 0 when it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def free_device_bytes(device: torch.device | str | None) -> int:
+    """Free memory of a CUDA ``device`` in bytes (0 for a non-CUDA device or without CUDA)."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return 0
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def choose_cache(
+    kind: str,
+    need_bytes: int,
+    *,
+    device: torch.device | str | None,
+    cache_gb: float | None = None,
+) -> tuple[str, int]:
+    """Resolve ``kind`` (``none | host | device | auto``) to a cache location and a byte budget.
+
+    Parameters
+    ----------
+    kind : str
+    need_bytes : int
+        What caching the whole cohort takes (:func:`cohort_bytes`).
+    device : torch.device or str, optional
+        The training device (``device`` needs a CUDA device).
+    cache_gb : float, optional
+        Upper limit in GB (1e9 bytes).
+
+    Returns
+    -------
+    (str, int)
+        ``"none" | "host" | "device"`` and the budget in bytes.
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``kind``, or ``device`` without a CUDA device.
+    """
+    if kind not in CACHE_KINDS:
+        raise ConfigError(f"data.cache must be one of {CACHE_KINDS}, got {kind!r}")
+    if cache_gb is not None and cache_gb <= 0:
+        raise ConfigError(f"data.cache_gb must be > 0 or null, got {cache_gb!r}")
+    cap = None if cache_gb is None else int(cache_gb * 1e9)
+
+    def budget(free: int, fraction: float) -> int:
+        room = int(free * fraction)
+        return room if cap is None else min(room, cap)
+
+    if kind == "none":
+        return "none", 0
+    if kind == "device":
+        free = free_device_bytes(device)
+        if free <= 0:
+            raise ConfigError(f"data.cache: device needs a CUDA training device, got {device}")
+        return "device", budget(free, DEVICE_FRACTION)
+    if kind == "host":
+        return "host", budget(free_host_bytes(), HOST_FRACTION)
+    gb = need_bytes / 1e9
+    dev_budget = budget(free_device_bytes(device), DEVICE_FRACTION)
+    if need_bytes <= dev_budget:
+        logger.info(
+            "data.cache auto: device (cohort %.2f GB <= %.2f GB, %.0f%% of free GPU memory%s)",
+            gb,
+            dev_budget / 1e9,
+            DEVICE_FRACTION * 100,
+            "" if cap is None else f", cache_gb {cache_gb}",
+        )
+        return "device", dev_budget
+    host_budget = budget(free_host_bytes(), HOST_FRACTION)
+    if need_bytes <= host_budget:
+        logger.info(
+            "data.cache auto: host (cohort %.2f GB <= %.2f GB, %.0f%% of available RAM%s)",
+            gb,
+            host_budget / 1e9,
+            HOST_FRACTION * 100,
+            "" if cap is None else f", cache_gb {cache_gb}",
+        )
+        return "host", host_budget
+    logger.info(
+        "data.cache auto: none (cohort %.2f GB fits neither %.2f GB of GPU nor %.2f GB of host memory)",
+        gb,
+        dev_budget / 1e9,
+        host_budget / 1e9,
+    )
+    return "none", 0
+
+
+class BagCache:
+    """Whole bags of one store, kept in host or GPU memory, up to a byte budget.
+
+    Parameters
+    ----------
+    store : CohortStore
+    kind : {"host", "device"}
+    budget_bytes : int
+        Bags beyond this are not kept (they are read from the store every time).
+    device : torch.device or str, optional
+        Where a ``device`` cache lives.
+
+    Notes
+    -----
+    Features are kept in the store's type (float16 for a float16 store), so serving a bag as
+    float32 gives exactly the values of a float32 read. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: CohortStore,
+        kind: str,
+        budget_bytes: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        import torch
+
+        if kind not in ("host", "device"):
+            raise ConfigError(f"BagCache: kind must be 'host' or 'device', got {kind!r}")
+        self.store_path = store.path
+        self.kind = kind
+        self.budget_bytes = int(budget_bytes)
+        if kind == "device":
+            self.device = torch.device("cuda" if device is None else device)
+        else:
+            self.device = torch.device("cpu")
+        self.dtype = str(store.dtype)
+        self._bags: dict[int, CachedBag] = {}
+        self._nbytes = 0
+        self._full_logged = False
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._bags)
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._bags
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self._nbytes
+
+    def __repr__(self) -> str:
+        return (
+            f"BagCache({self.kind}, bags={len(self)}, {self._nbytes / 1e9:.2f} of "
+            f"{self.budget_bytes / 1e9:.2f} GB)"
+        )
+
+    def put(
+        self,
+        index: int,
+        features: np.ndarray,
+        coords: np.ndarray,
+        edges: np.ndarray | None,
+        k: int | None,
+    ) -> bool:
+        """Keep the whole bag ``index`` (features in the store's type); False when over budget."""
+        import torch
+
+        if index in self._bags:
+            return True
+        size = features.shape[0] * features.shape[1] * np.dtype(self.dtype).itemsize
+        size += coords.nbytes + (0 if edges is None else edges.nbytes)
+        with self._lock:
+            if self._nbytes + size > self.budget_bytes:
+                if not self._full_logged:
+                    logger.info(
+                        "%s cache of %s is full (%d bags, %.2f GB): further bags are read from "
+                        "the store",
+                        self.kind,
+                        self.store_path,
+                        len(self._bags),
+                        self._nbytes / 1e9,
+                    )
+                    self._full_logged = True
+                return False
+            self._nbytes += size
+        entry = CachedBag(
+            features=torch.from_numpy(np.ascontiguousarray(features, dtype=self.dtype)).to(
+                self.device
+            ),
+            coords=torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
+        )
+        if edges is not None and k is not None:
+            entry.edges[int(k)] = torch.from_numpy(np.ascontiguousarray(edges)).to(self.device)
+        with self._lock:
+            self._bags[index] = entry
+        return True
+
+    def get(self, index: int) -> CachedBag | None:
+        """The cached bag ``index``, or None."""
+        return self._bags.get(index)
+
+    def serve(
+        self,
+        index: int,
+        *,
+        max_patches: int | None,
+        seed: int,
+        epoch: int,
+        knn_k: int | None,
+        dtype: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Bag ``index`` as a read with these settings returns it: ``(features, coords, edges)``.
+
+        The rows kept by ``max_patches`` are those of :func:`momkd._core.bag_rows` (the store
+        reader's), and the k-NN graph is built on the kept coordinates, as the loader does.
+        """
+        return self.serve_entry(
+            index,
+            lambda entry, i: serve_bag(
+                entry, i, max_patches=max_patches, seed=seed, epoch=epoch, knn_k=knn_k, dtype=dtype
+            ),
+        )
+
+    def serve_entry(
+        self, index: int, serve: Callable[[CachedBag, int], tuple[Any, Any, Any]]
+    ) -> tuple[Any, Any, Any]:
+        """``serve(entry, index)`` on the cached bag ``index``, counting any graph it adds."""
+        entry = self._bags[index]
+        known = set(entry.edges)
+        out = serve(entry, index)
+        with self._lock:
+            for k in set(entry.edges) - known:  # a graph built for a new k is kept
+                self._nbytes += entry.edges[k].numel() * 8
+        return out
+
+
+def serve_bag(
+    entry: CachedBag,
+    index: int,
+    *,
+    max_patches: int | None,
+    seed: int,
+    epoch: int,
+    knn_k: int | None,
+    dtype: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A whole bag as a store read of slide ``index`` with these settings returns it.
+
+    The rows kept by ``max_patches`` are those of :func:`momkd._core.bag_rows` (the store reader's),
+    and the k-NN graph is built on the kept coordinates, as the loader builds it. A graph of the
+    whole bag is added to ``entry.edges`` when missing.
+
+    Returns
+    -------
+    (features, coords, edges)
+        ``dtype`` features on the entry's device, int64 coords on the host, int64 edges (or None
+        without ``knn_k``) on the entry's device.
+    """
+    import torch
+
+    device = entry.features.device
+    n = int(entry.features.shape[0])
+    rows = _core.bag_rows(n, max_patches, seed, epoch, index)
+    edges = None
+    if rows is None:
+        feats, coords = entry.features, entry.coords
+        if knn_k is not None:
+            edges = entry.edges.get(int(knn_k))
+            if edges is None:
+                edges = torch.from_numpy(_core.knn_graph(coords.numpy(), int(knn_k))).to(device)
+                entry.edges[int(knn_k)] = edges
+    else:
+        picked = torch.from_numpy(rows)
+        coords = entry.coords[picked]
+        feats = entry.features.index_select(0, picked.to(device))
+        if knn_k is not None:
+            edges = torch.from_numpy(_core.knn_graph(coords.numpy(), int(knn_k))).to(device)
+    want = getattr(torch, dtype)
+    if feats.dtype != want:
+        feats = feats.to(want)
+    return feats, coords, edges
+
+
+# One cache per (store object, kind): freed when the store object is.
+_SHARED: weakref.WeakKeyDictionary[Any, dict[str, BagCache | None]] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cache(
+    store: CohortStore,
+    kind: str,
+    *,
+    device: torch.device | str | None = None,
+    cache_gb: float | None = None,
+    knn_k: int | None = 8,
+) -> BagCache | None:
+    """The process-wide cache of ``store`` for ``data.cache = kind`` (None for ``none``).
+
+    ``auto`` is resolved once per store (:func:`choose_cache`, logged). Every loader given the same
+    store object shares the cache, so the training, validation and test loaders of all folds fill
+    and use one cache; it is freed with the store object.
+    """
+    if kind not in CACHE_KINDS:
+        raise ConfigError(f"data.cache must be one of {CACHE_KINDS}, got {kind!r}")
+    if kind == "none":
+        return None
+    with _SHARED_LOCK:
+        per_store = _SHARED.setdefault(store, {})
+        if kind in per_store:
+            return per_store[kind]
+        where, budget = choose_cache(
+            kind, cohort_bytes(store, knn_k), device=device, cache_gb=cache_gb
+        )
+        cache = None if where == "none" else BagCache(store, where, budget, device=device)
+        if cache is not None:
+            logger.info(
+                "%s cache for %s: up to %.2f GB", where, store.path, cache.budget_bytes / 1e9
+            )
+        per_store[kind] = cache
+        return cache

@@ -1,0 +1,224 @@
+"""Float16 hand-off and the cohort cache: bags identical to the plain float32 / uncached loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from momkd.data import BagLoader, CohortStore, StoreWriter
+from momkd.data import cache as cache_mod
+from momkd.data.cache import BagCache, choose_cache, cohort_bytes, shared_cache
+from momkd.errors import ConfigError
+
+D = 6
+SIZES = [40, 1, 2, 9, 130, 17, 64, 300, 5, 77, 3]
+
+
+def _coords(rng: np.random.Generator, p: int) -> np.ndarray:
+    flat = rng.choice(10**12, size=p, replace=False)
+    return np.stack([flat % 10**6, flat // 10**6], axis=1).astype(np.int64)
+
+
+def _write(path: Path, dtype: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    bags = {
+        f"s{i:02d}": (rng.normal(size=(p, D)).astype(np.float32) * 3, _coords(rng, p))
+        for i, p in enumerate(SIZES)
+    }
+    with StoreWriter(path, D, dtype=dtype, chunk_rows=32) as w:
+        for sid, (f, c) in bags.items():
+            w.append(sid, f, c)
+    return bags
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("cache")
+    return {
+        dt: (root / f"{dt}.zarr", _write(root / f"{dt}.zarr", dt)) for dt in ("float16", "float32")
+    }
+
+
+def _bags(
+    loader: BagLoader, epoch: int
+) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    loader.set_epoch(epoch)
+    return [(b.slide_id, b.features, b.coords, b.edge_index) for b in loader]
+
+
+# --------------------------------------------------------------------------- float16 hand-off
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_float16_handoff_equals_float32_after_conversion(stores, store_dtype):
+    path, bags = stores[store_dtype]
+    store = CohortStore.open(path)
+    kw = {"shuffle": True, "seed": 3, "max_patches": 50, "knn_k": 4, "num_threads": 2}
+    half = _bags(BagLoader(store, dtype="float16", **kw), 1)
+    full = _bags(BagLoader(store, dtype="float32", **kw), 1)
+    assert [h[0] for h in half] == [f[0] for f in full]
+    for (sid, fh, ch, eh), (_, ff, cf, ef) in zip(half, full, strict=True):
+        assert fh.dtype == torch.float16 and ff.dtype == torch.float32
+        assert torch.equal(ch, cf) and torch.equal(eh, ef)
+        if store_dtype == "float16":
+            # The float16 values widened are exactly the float32 hand-off.
+            assert torch.equal(fh.float(), ff)
+        else:
+            # Oracle: numpy's round-to-nearest-even float16 conversion of the float32 read.
+            assert np.array_equal(fh.numpy(), ff.numpy().astype(np.float16))
+        # And against the source values (at float16 precision) for whole bags.
+        if fh.shape[0] == bags[sid][0].shape[0]:
+            assert np.array_equal(fh.numpy(), bags[sid][0].astype(np.float16))
+
+
+def test_bad_dtype_is_a_config_error(stores):
+    with pytest.raises(ConfigError, match="dtype"):
+        BagLoader(stores["float16"][0], dtype="bfloat16")
+
+
+# --------------------------------------------------------------------------- the cohort cache
+
+
+@pytest.mark.parametrize("max_patches", [None, 20])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_cached_epochs_are_bit_identical(stores, max_patches, dtype, store_dtype):
+    path, _ = stores[store_dtype]
+    store = CohortStore.open(path)
+    cache = BagCache(store, "host", budget_bytes=10**9)
+    kw = {"shuffle": True, "seed": 9, "max_patches": max_patches, "knn_k": 3, "dtype": dtype}
+    plain = BagLoader(store, **kw)
+    cached = BagLoader(store, cache=cache, **kw)
+    for epoch in range(3):
+        want, got = _bags(plain, epoch), _bags(cached, epoch)
+        assert [g[0] for g in got] == [w[0] for w in want]
+        for (sid, fw, cw, ew), (_, fg, cg, eg) in zip(want, got, strict=True):
+            assert fg.dtype == fw.dtype and torch.equal(fg, fw), (epoch, sid)
+            assert torch.equal(cg, cw), (epoch, sid)
+            assert torch.equal(eg, ew), (epoch, sid)
+        if epoch == 0:
+            assert cache.misses == len(SIZES) and cache.hits == 0
+    # After the first epoch every bag came from memory.
+    assert len(cache) == len(SIZES)
+    assert cache.hits == 2 * len(SIZES)
+    if max_patches is not None:  # the cached bag is subsampled anew each epoch, as uncached
+        big = store.slide_ids[SIZES.index(300)]
+        a = [c for s, _, c, _ in _bags(cached, 0) if s == big][0]
+        b = [c for s, _, c, _ in _bags(cached, 1) if s == big][0]
+        assert a.shape[0] == max_patches and not torch.equal(a, b)
+
+
+def test_cache_over_budget_serves_the_rest_from_the_store(stores):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    # Room for about 400 patches: the other bags are read every epoch, the results are unchanged.
+    cache = BagCache(store, "host", budget_bytes=400 * (D * 2 + 16 + 3 * 16))
+    kw = {"shuffle": True, "seed": 1, "max_patches": 25, "knn_k": 3}
+    plain, cached = BagLoader(store, **kw), BagLoader(store, cache=cache, **kw)
+    for epoch in range(2):
+        for (s1, f1, c1, e1), (s2, f2, c2, e2) in zip(
+            _bags(plain, epoch), _bags(cached, epoch), strict=True
+        ):
+            assert s1 == s2 and torch.equal(f1, f2) and torch.equal(c1, c2) and torch.equal(e1, e2)
+    assert 0 < len(cache) < len(SIZES)
+    assert cache.nbytes <= cache.budget_bytes
+
+
+def test_cache_of_another_store_is_refused(stores):
+    other = BagCache(CohortStore.open(stores["float32"][0]), "host", 10**6)
+    with pytest.raises(ConfigError, match="cache belongs"):
+        BagLoader(stores["float16"][0], cache=other)
+
+
+def test_auto_chooses_by_free_memory(monkeypatch):
+    gb = 10**9
+
+    def fake(host: int, dev: int) -> None:
+        monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: host)
+        monkeypatch.setattr(cache_mod, "free_device_bytes", lambda device: dev)
+
+    fake(host=64 * gb, dev=80 * gb)
+    assert choose_cache("auto", 30 * gb, device="cuda") == ("device", 40 * gb)  # 30 <= 0.5 * 80
+    assert choose_cache("auto", 41 * gb, device="cuda") == ("none", 0)  # > 40 GPU, > 32 host
+    fake(host=100 * gb, dev=80 * gb)
+    assert choose_cache("auto", 41 * gb, device="cuda") == ("host", 50 * gb)
+    assert choose_cache("auto", 51 * gb, device="cuda") == ("none", 0)
+    fake(host=100 * gb, dev=0)  # no GPU
+    assert choose_cache("auto", 10 * gb, device="cpu") == ("host", 50 * gb)
+    # cache_gb caps every budget
+    fake(host=100 * gb, dev=80 * gb)
+    assert choose_cache("auto", 30 * gb, device="cuda", cache_gb=20) == ("none", 0)
+    assert choose_cache("auto", 10 * gb, device="cuda", cache_gb=20) == ("device", 20 * gb)
+    assert choose_cache("host", 10 * gb, device="cpu", cache_gb=4) == ("host", 4 * gb)
+    assert choose_cache("none", 1, device="cuda") == ("none", 0)
+    fake(host=100 * gb, dev=0)
+    with pytest.raises(ConfigError, match="CUDA"):
+        choose_cache("device", 1, device="cpu")
+    with pytest.raises(ConfigError, match="data.cache"):
+        choose_cache("gpu", 1, device="cpu")
+
+
+def test_shared_cache_is_one_per_store_and_auto_logs(stores, monkeypatch, caplog):
+    store = CohortStore.open(stores["float16"][0])
+    monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: 10**12)
+    monkeypatch.setattr(cache_mod, "free_device_bytes", lambda device: 0)
+    need = cohort_bytes(store, 8)
+    assert need == store.n_patches * (D * 2 + 16 + 128)
+    with caplog.at_level("INFO", logger="momkd.data.cache"):
+        a = shared_cache(store, "auto", device="cpu")
+    assert a is not None and a.kind == "host"
+    assert "data.cache auto: host" in caplog.text
+    assert shared_cache(store, "auto", device="cpu") is a
+    assert shared_cache(store, "none") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("max_patches", [None, 20])
+def test_device_cache_is_bit_identical(stores, max_patches):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    cache = BagCache(store, "device", budget_bytes=10**9, device="cuda")
+    kw = {"shuffle": True, "seed": 2, "max_patches": max_patches, "knn_k": 3, "dtype": "float16"}
+    plain, cached = BagLoader(store, **kw), BagLoader(store, cache=cache, **kw)
+    for epoch in range(3):
+        for (s1, f1, c1, e1), (s2, f2, c2, e2) in zip(
+            _bags(plain, epoch), _bags(cached, epoch), strict=True
+        ):
+            assert f2.is_cuda and e2.is_cuda
+            assert s1 == s2 and torch.equal(f1, f2.cpu()) and torch.equal(c1, c2)
+            assert torch.equal(e1, e2.cpu())
+    assert cache.hits == 2 * len(SIZES)
+
+
+def test_config_keys():
+    from momkd.config import load_config
+    from momkd.train.loop import feature_dtype_for
+
+    cfg = load_config(None, ["data.cache=auto", "data.cache_gb=12.5"])
+    assert cfg.data.cache == "auto" and cfg.data.cache_gb == 12.5
+    assert load_config(None).data.cache == "none"
+    with pytest.raises(ConfigError, match="data.cache_gb"):
+        load_config(None, ["data.cache_gb=0"])
+    with pytest.raises(ConfigError, match="data.cache"):
+        load_config(None, ["data.cache=gpu"])
+    auto = load_config(None)
+    assert feature_dtype_for(auto, torch.device("cuda")) == "float16"
+    assert feature_dtype_for(auto, torch.device("cpu")) == "float32"
+    forced = load_config(None, ["train.feature_dtype=float16"])
+    assert feature_dtype_for(forced, torch.device("cpu")) == "float16"
+
+
+def test_collate_widens_float16_on_the_device(stores):
+    from momkd.train.loop import collate
+
+    store = CohortStore.open(stores["float16"][0])
+    half = list(BagLoader(store, dtype="float16", knn_k=3))[:3]
+    full = list(BagLoader(store, dtype="float32", knn_k=3))[:3]
+    for n in (1, 3):
+        fh, eh, oh = collate(half[:n], torch.device("cpu"), graph=True)
+        ff, ef, of = collate(full[:n], torch.device("cpu"), graph=True)
+        assert fh.dtype == torch.float32 and torch.equal(fh, ff) and torch.equal(eh, ef)
+        assert (oh is None and of is None) or torch.equal(oh, of)
