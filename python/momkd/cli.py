@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -122,6 +123,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, overrides=args.set or [])
     summary = train(cfg, out_dir=args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return 0  # under torchrun, rank 0 alone reports and writes
     from momkd.train.runner import format_summary
 
     print(format_summary(summary))

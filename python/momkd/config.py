@@ -248,6 +248,12 @@ class TrainConfig:
     min_delta: float = _f(
         0.0, "a change of train.monitor within this is a tie; a tie keeps the later epoch"
     )
+    dist_backend: Literal["auto", "nccl", "gloo"] = _f(
+        "auto", "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU)"
+    )
+    dist_timeout_s: float = _f(
+        1800.0, "timeout of every collective under torchrun (seconds); a stalled rank ends the run"
+    )
 
 
 @dataclass
@@ -636,6 +642,7 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(set(t.folds)) == len(t.folds), "train.folds", "contains duplicates")
     require(t.bootstrap >= 0, "train.bootstrap", "must be >= 0")
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    require(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
 
 

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _RUNTIME_KEYS = {
     "output.dir",
     "train.device",
+    "train.dist_backend",
+    "train.dist_timeout_s",
     "train.kernels",
     "train.num_threads",
     "train.prefetch",
@@ -266,26 +268,72 @@ def train(
     DataError
         Labelled slides missing from the store, patients without expression, bad labels or splits.
     """
-    import torch
-
-    from momkd import kernels
-    from momkd.train.loop import progress_enabled, read_json, select_device, write_csv, write_json
+    from momkd.train.distributed import init_distributed, shutdown_distributed
 
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg)
+    # Under torchrun: join the process group (one rank per process); otherwise a single process.
+    dist, device = init_distributed(
+        cfg.train.dist_backend, cfg.train.device, cfg.train.dist_timeout_s
+    )
+    try:
+        summary = _train(cfg, out_dir, resume, progress, dist, device)
+    except RuntimeError as exc:
+        raise _as_distributed_error(exc, dist) from exc
+    shutdown_distributed(dist)
+    return summary
+
+
+def _as_distributed_error(exc: RuntimeError, dist: Any) -> BaseException:
+    """A one-line :class:`~momkd.errors.DistributedError` for a failed collective inside torch
+    (e.g. DDP's gradient all-reduce after another rank stopped); other errors unchanged."""
+    import torch.distributed
+
+    from momkd.errors import DistributedError, MomkdError
+
+    if not dist.enabled or isinstance(exc, MomkdError):
+        return exc
+    text = str(exc)
+    comm = isinstance(exc, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "Gloo", "NCCL", "nccl", "Connection closed", "timed out")
+    )
+    if not comm:
+        return exc
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    return DistributedError(
+        f"rank {dist.rank}: training stopped: another rank stopped or a collective timed out "
+        f"(train.dist_timeout_s={dist.timeout_s:g}): {first}"
+    )
+
+
+def _train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    progress: bool | None,
+    dist: Any,
+    device: Any,
+) -> dict[str, Any]:
+    import torch
+
+    from momkd import kernels
+    from momkd.train.loop import progress_enabled, read_json, write_csv, write_json
+
     t_start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    run_dir = _resolve_run_dir(cfg, out_dir, resume)
+    run_dir = dist.on_main(
+        lambda: _resolve_run_dir(cfg, out_dir, resume), "checking the run directory"
+    )
     show = progress_enabled(cfg) if progress is None else progress
-    device = select_device(cfg.train.device)
     kernels.check_kernel_mode(cfg.train.kernels, device)
     store, table, expression, data_report = _load_inputs(cfg)
     external = _load_external(cfg)
     if external is not None:
         data_report["external"] = external[4]
-    # The run directory is created only once the inputs are known to be valid.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    # The run directory is created only once the inputs are known to be valid (by rank 0 alone).
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -298,11 +346,24 @@ def train(
     try:
         with kernels.kernel_mode(cfg.train.kernels, device):
             summary = _run_folds(
-                cfg, run_dir, resume, store, table, expression, external, data_report, device, show
+                cfg,
+                run_dir,
+                resume,
+                store,
+                table,
+                expression,
+                external,
+                data_report,
+                device,
+                show,
+                dist,
             )
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
+    if not dist.is_main:
+        # Rank 0 writes the summary; every rank returns the same one.
+        return dist.broadcast_object(None, "broadcast of the summary")  # type: ignore[no-any-return]
     summary["timing"] = {
         "started": started,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -319,7 +380,7 @@ def train(
     write_json(run_dir / "summary.json", summary)
     summary = read_json(run_dir / "summary.json")
     (run_dir / "summary.txt").write_text(format_summary(summary) + "\n", encoding="utf-8")
-    return summary  # type: ignore[no-any-return]
+    return dist.broadcast_object(summary, "broadcast of the summary")  # type: ignore[no-any-return]
 
 
 def _run_folds(
@@ -333,10 +394,11 @@ def _run_folds(
     data_report: dict[str, Any],
     device: Any,
     show: bool,
+    dist: Any,
 ) -> dict[str, Any]:
     from momkd.train.loop import FoldData, FoldTrainer, read_json, uses_expression
 
-    splits = _splits(cfg, run_dir, table, resume)
+    splits = dist.on_main(lambda: _splits(cfg, run_dir, table, resume), "making the splits")
     folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
@@ -365,10 +427,11 @@ def _run_folds(
     for fold in folds:
         fold_dir = run_dir / f"fold_{fold}"
         done = fold_dir / "result.json"
-        if resume and done.is_file():
+        if resume and dist.on_main(done.is_file, "looking for result.json"):
             log.info("fold %d: already finished, skipped", fold)
-            results.append(read_json(done))
-            fold_seconds.append(float(results[-1].get("seconds", 0.0)))
+            if dist.is_main:
+                results.append(read_json(done))
+                fold_seconds.append(float(results[-1].get("seconds", 0.0)))
             continue
         split = splits[fold]
         expr_map, genomics_state = None, None
@@ -394,11 +457,14 @@ def _run_folds(
             data.train, data.val, data.test = (
                 _units(part, case_of) for part in (split.train, split.val, split.test)
             )
-        trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show)
+        trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show, dist=dist)
         result = trainer.run(resume=resume)
-        results.append(read_json(done))
-        fold_seconds.append(float(result["seconds"]))
+        if dist.is_main:
+            results.append(read_json(done))
+            fold_seconds.append(float(result["seconds"]))
 
+    if not dist.is_main:
+        return {}
     summary = _summarise(cfg, run_dir, results, data_report, external, folds)
     summary["fold_seconds"] = fold_seconds
     return summary
