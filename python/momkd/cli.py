@@ -122,7 +122,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from momkd.train.runner import train
 
     cfg = load_config(args.config, overrides=args.set or [])
-    summary = train(cfg, out_dir=args.out, resume=args.resume)
+    if args.fold_parallel:
+        from momkd.train.fold_parallel import run_fold_parallel
+
+        summary = run_fold_parallel(cfg, args.out, args.fold_parallel, resume=args.resume)
+    else:
+        summary = train(cfg, out_dir=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") not in ("", "0"):
         return 0  # under torchrun, rank 0 alone reports and writes
     from momkd.train.runner import format_summary
@@ -144,6 +149,15 @@ def _write_report(run_dir: object) -> None:
         log.warning("could not write the run report: %s", _one_line(exc))
     else:
         print(f"report: {path}")
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from momkd.train.runner import format_summary, summarize
+
+    summary = summarize(args.run_dir)
+    print(format_summary(summary))
+    _write_report(args.run_dir)
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -262,7 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
+    p.add_argument(
+        "--fold-parallel",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train N folds at once, one process each (one GPU each, or a share of the cores)",
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("summarize", help="merge a run's finished folds into its summary and report")
+    p.add_argument("run_dir", help="run directory written by `momkd train`")
+    p.set_defaults(func=_cmd_summarize)
 
     p = sub.add_parser("eval", help="evaluate a run's fold models on a labelled cohort")
     p.add_argument("run_dir", help="run directory written by `momkd train`")
