@@ -47,12 +47,9 @@ def main() -> int:
 
     if rank != 0:
         sys.addaudithook(hook)
-        atexit.register(
-            lambda: (side / f"writes_rank{rank}.json").write_text(json.dumps(writes))
-        )
+        atexit.register(lambda: (side / f"writes_rank{rank}.json").write_text(json.dumps(writes)))
 
     import torch
-
     from momkd.train import loop
 
     fit = loop.FoldTrainer.fit

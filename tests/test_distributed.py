@@ -306,7 +306,9 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(cohort: Path) -> None:
     root = cohort.parent / "killed"
     run, side = root / "run", root / "side"
     root.mkdir()
-    cmd = _standalone(side, "train", "--config", str(cohort / "gradient_b1.yaml"), "--out", str(run))
+    cmd = _standalone(
+        side, "train", "--config", str(cohort / "gradient_b1.yaml"), "--out", str(run)
+    )
     with open(root / "log1.txt", "w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
         try:

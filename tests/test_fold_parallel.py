@@ -114,3 +114,16 @@ def test_fold_parallel_equals_a_full_run(cohort: Path, full: dict) -> None:
     assert (run / "fold_0.log").is_file() and (run / "fold_1.log").is_file()
     _same(full, json.loads((run / "summary.json").read_text()))
     assert (run / "report.html").is_file()
+
+
+def test_prepare_only_writes_config_and_splits_without_training(cohort: Path) -> None:
+    run = cohort.parent / "prepared"
+    proc = subprocess.run(
+        [sys.executable, "-m", "momkd", "train", "--config", str(cohort / "run.yaml"),
+         "--out", str(run), "--prepare-only"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "folds to train: 0, 1" in proc.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data.json", "splits"]
+    assert sorted(p.name for p in (run / "splits").iterdir()) == ["splits_0.csv", "splits_1.csv"]

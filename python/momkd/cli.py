@@ -122,6 +122,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from momkd.train.runner import train
 
     cfg = load_config(args.config, overrides=args.set or [])
+    if args.prepare_only:
+        from momkd.train.runner import prepare_run
+
+        run_dir, folds = prepare_run(cfg, args.out, args.resume)
+        print(f"prepared {run_dir}; folds to train: {', '.join(map(str, folds)) or 'none'}")
+        return 0
     if args.fold_parallel:
         from momkd.train.fold_parallel import run_fold_parallel
 
@@ -282,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="train N folds at once, one process each (one GPU each, or a share of the cores)",
+    )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="check the inputs and write config and splits, no training (before a job array)",
     )
     p.set_defaults(func=_cmd_train)
 
