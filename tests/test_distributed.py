@@ -37,11 +37,12 @@ data:
   positive: [Positive]
   negative: [Negative]
   external: {{store: external.zarr, clinical: external_clinical.csv}}
+  standardize: {standardize}
 splits: {{k: 2, dir: splits}}
 genomics: {{n_genes: 10}}
 model: {{hidden: 12, omics_width: 8, omics_hidden: 8, sphere: 8, memory_k: 2,
         classifier_hidden: 6, dropout: 0.0, omics_dropout: 0.0, attn_dropout: 0.0}}
-memory: {{init_per_class: 60, update: {update}}}
+memory: {{init_per_class: 60, update: {update}, dead_after: 2}}
 train: {{epochs: {epochs}, min_epochs: {epochs}, patience: 5, deterministic: true, max_patches: 12,
         batch_size: {batch}, folds: [0], dist_timeout_s: 120}}
 """
@@ -169,7 +170,13 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for update in ("gradient", "momentum"):
         for batch in (1, 2):
             (data / f"{update}_b{batch}.yaml").write_text(
-                CONFIG.format(update=update, batch=batch, epochs=3)
+                CONFIG.format(
+                    update=update,
+                    batch=batch,
+                    epochs=3,
+                    # momentum runs also fit the feature statistics over the ranks' shares
+                    standardize="train" if update == "momentum" else "none",
+                )
             )
     return data
 
@@ -367,7 +374,7 @@ def test_bad_chunk_on_one_rank_stops_every_rank(cohort: Path, tmp_path: Path) ->
     raw[len(raw) // 2] ^= 0x5A
     chunk.write_bytes(bytes(raw))
     (data / "run.yaml").write_text(
-        CONFIG.format(update="gradient", batch=1, epochs=2).replace(
+        CONFIG.format(update="gradient", batch=1, epochs=2, standardize="none").replace(
             "dist_timeout_s: 120", "dist_timeout_s: 60"
         )
     )

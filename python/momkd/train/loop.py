@@ -22,6 +22,12 @@ train`` the features are standardised with statistics of the fold's training pat
 slide keeps its own k-NN graph). Test metrics are reported at the argmax rule and at the F1-optimal
 threshold chosen on the validation set.
 
+Data parallelism (``torchrun``, :mod:`momkd.train.distributed`): the model is wrapped in
+``DistributedDataParallel``; rank ``r`` of ``W`` trains on the draws ``r, r + W, ...`` of the epoch's
+global draw, so W ranks x batch B train as one process x batch B*W; momentum statistics are
+all-reduced before each memory update; inference is sharded and gathered in slide order; a checksum
+of the model is compared across ranks after every epoch; rank 0 alone writes ``fold_<k>/``.
+
 Reproducibility: every fold seeds Python, numpy and torch with ``train.seed + fold`` before building
 its model, the epoch draw depends only on ``(seed, epoch)``, and ``last.pt`` stores every generator
 state, so a run resumed from ``last.pt`` replays the following epochs exactly as an uninterrupted
