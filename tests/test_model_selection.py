@@ -330,3 +330,16 @@ def test_patient_bags_train_and_predict_one_row_per_patient(cohort: Path, tmp_pa
             float(r["prob"]), abs=1e-6
         )
         assert ev[r["case_id"]]["slides"] == r["slides"]
+
+
+def test_export_to_the_released_format_refuses_a_standardising_model() -> None:
+    from momkd.compat import export_released_state_dict
+    from momkd.errors import ConfigError
+    from momkd.model.momkd import ModelConfig, MoMKD
+    from momkd.train.standardize import attach_standardizer
+
+    model = MoMKD(ModelConfig(d_in=8, hidden=8, sphere=4, memory_k=2, genes=6))
+    assert len(export_released_state_dict(model)) == 51
+    attach_standardizer(model, 8)
+    with pytest.raises(ConfigError, match="data.standardize"):
+        export_released_state_dict(model)

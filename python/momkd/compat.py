@@ -233,6 +233,12 @@ def export_released_state_dict(model: MoMKD) -> dict[str, Tensor]:
     dict[str, Tensor]
         Detached CPU float32 copies, keyed like :data:`RELEASED_KEYS`.
     """
+    if isinstance(getattr(model, "feature_mean", None), Tensor):
+        raise ConfigError(
+            "export_released_state_dict: the model standardises its input features "
+            "(data.standardize: train), which the released implementation does not; train with "
+            "data.standardize: none to export"
+        )
     ours: dict[str, Tensor] = dict(model.named_parameters())
     ours.update(dict(model.named_buffers()))
     out: dict[str, Tensor] = {}
