@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -264,8 +265,12 @@ def state_checksums(module: nn.Module) -> tuple[list[str], Tensor]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    """The first sentence of a backend error, without gloo's/NCCL's source location prefix."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+    return text.split(". ")[0][:300]
 
 
 def init_distributed(

@@ -300,7 +300,9 @@ def _as_distributed_error(exc: RuntimeError, dist: Any) -> BaseException:
     )
     if not comm:
         return exc
-    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    from momkd.train.distributed import _first_line
+
+    first = _first_line(exc)
     return DistributedError(
         f"rank {dist.rank}: training stopped: another rank stopped or a collective timed out "
         f"(train.dist_timeout_s={dist.timeout_s:g}): {first}"
