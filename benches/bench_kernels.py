@@ -1,4 +1,4 @@
-"""GPU benchmarks of the fused memory-attention kernels (SPEC §5 "Kernels").
+"""GPU benchmarks of the fused memory-attention kernels (docs/METHOD.md §5 "Kernels").
 
 Each pytest-benchmark group puts three implementations of one workload side by side:
 

@@ -9,7 +9,7 @@
 #      GPU (tests/test_kernels.py);
 #   3. runs the kernel benchmarks (benches/bench_kernels.py: fused vs eager vs torch.compile);
 #   4. writes $OUT/kernels_results.json (environment, test counts, every benchmark, the ratios) and
-#      $OUT/kernels_ratios.txt (the ratio table and the SPEC §5 check), plus the raw logs.
+#      $OUT/kernels_ratios.txt (the ratio table and the docs/METHOD.md §5 check), plus the raw logs.
 #
 # Usage: benches/gpu_check.sh [--quick]
 #   --quick   N in {10k, 50k}, K = 16, 10 rounds (a few minutes less)
@@ -179,10 +179,10 @@ result["ratios"] = ratios
 
 target = next((r for r in ratios if (r["mode"], r["n"], r["k"]) == ("fwdbwd", 50000, 16)), None)
 if target is None:
-    verdict = "SPEC §5 kernel target: not measured (needs fwdbwd N=50000 K=16)"
+    verdict = "docs/METHOD.md §5 kernel target: not measured (needs fwdbwd N=50000 K=16)"
 else:
     ok = target["speedup_vs_eager"] >= 3.0 and target["peak_mem_ratio_eager_over_fused"] > 1.0
-    verdict = (f"SPEC §5 kernel target (fwd+bwd, P=50000, K=16, S=64, H=512: >= 3x eager, lower peak "
+    verdict = (f"docs/METHOD.md §5 kernel target (fwd+bwd, P=50000, K=16, S=64, H=512: >= 3x eager, lower peak "
                f"memory): {'PASS' if ok else 'FAIL'} (speed-up {target['speedup_vs_eager']:.2f}x, "
                f"peak memory eager/fused {target['peak_mem_ratio_eager_over_fused']:.2f})")
 result["spec_target"] = verdict

@@ -1,4 +1,4 @@
-//! Exact k-nearest-neighbour graph on patch coordinates (SPEC §2.2).
+//! Exact k-nearest-neighbour graph on patch coordinates (docs/METHOD.md §2.2).
 //!
 //! For each patch `i` (in order) the edges `i -> j` go to its `min(k, P - 1)` nearest patches
 //! `j != i` by Euclidean distance, nearest first, ties broken by the lower index `j`.

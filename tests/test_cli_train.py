@@ -180,6 +180,15 @@ def test_demo_quick(tmp_path: Path) -> None:
         assert r["test_auc_mean"] == pytest.approx(summary["mean"]["auc"])
         assert r["external_ensemble_auc"] == pytest.approx(summary["external"]["ensemble"]["auc"])
         assert summary["data"]["store"].endswith("ingested.zarr")
+    # Pooled AUCs with CIs and the paired difference MoMKD - ABMIL on the same test slides.
+    assert "paired difference MoMKD - ABMIL (test slides)" in text and "DeLong" in text
+    comp = json.loads((tmp_path / "demo" / "comparison.json").read_text())
+    (pair,) = comp["paired"]
+    assert (pair["a"], pair["b"]) == ("momkd", "abmil")
+    pooled = {m: comp["methods"][m]["pooled_auc"]["value"] for m in ("momkd", "abmil")}
+    assert pair["auc_diff"] == pytest.approx(pooled["momkd"] - pooled["abmil"])
+    assert f"{pair['auc_diff']:+.3f}" in text
+    assert (tmp_path / "demo" / "comparison.html").is_file()
     oracle = json.loads((tmp_path / "demo" / "data" / "oracle.json").read_text())
     assert report["oracle"] == oracle["oracle_auc"][report["label"]]
     assert json.loads((tmp_path / "demo" / "demo_report.json").read_text())["label"] == "her2"

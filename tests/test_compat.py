@@ -1,4 +1,4 @@
-"""Compatibility with the released implementation's state dict (SPEC §2.8)."""
+"""Compatibility with the released implementation's state dict (docs/METHOD.md §2.8)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 from momkd.compat import (
     RELEASED_KEYS,
+    RESIDUAL_KEYS,
     export_released_state_dict,
     load_released_state_dict,
     model_from_released,
+    released_keys,
 )
 from momkd.errors import ConfigError
 from momkd.model import ModelConfig, MoMKD
@@ -201,3 +203,126 @@ def test_model_from_released_needs_dimension_keys() -> None:
     del sd["wsi_encoder.res_proj1.weight"]
     with pytest.raises(ConfigError, match="res_proj1.weight"):
         model_from_released(sd)
+
+
+# ---- D_in = H: the released encoder's first residual is the identity ----------------------------
+
+
+def _released_shapes(d: int, h: int, r: int, s: int, k: int, g: int, o: int, c: int) -> dict:
+    """Learned tensors of a released state dict at D_in = H, written out from the key list in
+    docs/METHOD.md §2.8 (no ``wsi_encoder.res_proj1.*``)."""
+    assert d == h
+    shapes: dict[str, tuple[int, ...]] = {"attn_log_tau": ()}
+    for prefix, (n_in, n_out) in (("rna_tower.encoder", (g, r)), ("rna_decoder.decoder", (r, g))):
+        shapes.update(
+            {
+                f"{prefix}.0.weight": (o, n_in),
+                f"{prefix}.0.bias": (o,),
+                f"{prefix}.1.weight": (o,),
+                f"{prefix}.1.bias": (o,),
+                f"{prefix}.4.weight": (n_out, o),
+                f"{prefix}.4.bias": (n_out,),
+            }
+        )
+    for layer, n_in in (("gat1", d), ("gat2", h)):
+        shapes.update(
+            {
+                f"wsi_encoder.{layer}.att": (1, 2, h // 2),
+                f"wsi_encoder.{layer}.bias": (h,),
+                f"wsi_encoder.{layer}.lin_l.weight": (h, n_in),
+                f"wsi_encoder.{layer}.lin_l.bias": (h,),
+                f"wsi_encoder.{layer}.lin_r.weight": (h, n_in),
+                f"wsi_encoder.{layer}.lin_r.bias": (h,),
+            }
+        )
+    for ln in ("ln1", "ln2"):
+        shapes.update({f"wsi_encoder.{ln}.weight": (h,), f"wsi_encoder.{ln}.bias": (h,)})
+    for proj, n_in in (("rna_projector", r), ("wsi_patch_projector", h), ("wsi_pool_projector", h)):
+        shapes.update({f"{proj}.weight": (s, n_in), f"{proj}.bias": (s,)})
+    shapes.update({"mem_pos._codebook.embed": (1, k, s), "mem_neg._codebook.embed": (1, k, s)})
+    shapes.update(
+        {
+            "wsi_classifier_proto.0.weight": (h,),
+            "wsi_classifier_proto.0.bias": (h,),
+            "wsi_classifier_proto.1.weight": (c, h),
+            "wsi_classifier_proto.1.bias": (c,),
+            "wsi_classifier_proto.4.weight": (2, c),
+            "wsi_classifier_proto.4.bias": (2,),
+        }
+    )
+    return shapes
+
+
+def _released_sd_at_d_equal_h() -> dict[str, torch.Tensor]:
+    shapes = _released_shapes(d=16, h=16, r=6, s=5, k=3, g=9, o=7, c=4)
+    gen = torch.Generator().manual_seed(11)
+    sd = {key: torch.randn(shape, generator=gen) * 0.3 for key, shape in shapes.items()}
+    for c in ("pos", "neg"):
+        sd[f"mem_{c}._codebook.initted"] = torch.ones(1)
+        sd[f"mem_{c}._codebook.cluster_size"] = torch.ones(1, 3)
+        sd[f"mem_{c}._codebook.embed_avg"] = sd[f"mem_{c}._codebook.embed"].clone()
+    return sd
+
+
+def _hand_encoder(sd: dict[str, torch.Tensor], x: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
+    """The released encoder at D_in = H computed from the released tensors by hand."""
+    from types import SimpleNamespace
+
+    from test_model import _elu, _gatv2_hand
+
+    def conv(layer: str) -> SimpleNamespace:
+        w = f"wsi_encoder.{layer}."
+        return SimpleNamespace(
+            att=sd[w + "att"],
+            bias=sd[w + "bias"],
+            lin_l=SimpleNamespace(weight=sd[w + "lin_l.weight"], bias=sd[w + "lin_l.bias"]),
+            lin_r=SimpleNamespace(weight=sd[w + "lin_r.weight"], bias=sd[w + "lin_r.bias"]),
+        )
+
+    def ln(v: torch.Tensor, name: str) -> torch.Tensor:
+        mu = v.mean(dim=1, keepdim=True)
+        var = ((v - mu) ** 2).mean(dim=1, keepdim=True)
+        w, b = sd[f"wsi_encoder.{name}.weight"], sd[f"wsi_encoder.{name}.bias"]
+        return (v - mu) / torch.sqrt(var + 1e-5) * w + b
+
+    edges = [(int(s), int(t)) for s, t in ei.T]
+    h1 = _elu(ln(_gatv2_hand(conv("gat1"), x, edges), "ln1")) + x  # identity residual
+    h2 = _elu(ln(_gatv2_hand(conv("gat2"), h1, edges), "ln2")) + h1
+    return torch.where(h1 > h2, h1, h2)
+
+
+@torch.no_grad()
+def test_round_trip_at_d_in_equal_to_hidden() -> None:
+    sd = _released_sd_at_d_equal_h()
+    assert len(sd) == 49 and not any("res_proj1" in key for key in sd)
+    model = model_from_released(sd).eval()
+    assert model.cfg.d_in == model.cfg.hidden == 16
+    assert model.cfg.input_residual == "auto"
+    assert isinstance(model.histology_encoder.res_proj1, torch.nn.Identity)
+    assert set(released_keys(model)) == set(sd) == set(RELEASED_KEYS) - set(RESIDUAL_KEYS)
+    back = export_released_state_dict(model)
+    assert set(back) == set(sd)
+    for key, value in sd.items():
+        assert torch.equal(back[key], value.reshape(back[key].shape)), key
+    # the loaded encoder is the released one: compare with a hand-written encoder on its tensors
+    x, ei = _bag(9, 16, seed=6)
+    torch.testing.assert_close(
+        model.histology_encoder(x, ei), _hand_encoder(sd, x, ei), rtol=1e-4, atol=1e-5
+    )
+    # a fresh model of the same config loads it strictly and gives the same logits
+    fresh = MoMKD(model.cfg).eval()
+    assert load_released_state_dict(fresh, sd) == ([], [])
+    assert torch.equal(fresh(x, ei).logits, model(x, ei).logits)
+
+
+def test_residual_projection_at_d_in_equal_to_hidden_is_not_released() -> None:
+    sd = _released_sd_at_d_equal_h()
+    sd["wsi_encoder.res_proj1.weight"] = torch.zeros(16, 16)
+    sd["wsi_encoder.res_proj1.bias"] = torch.zeros(16)
+    cfg = model_from_released(_released_sd_at_d_equal_h()).cfg
+    with pytest.raises(ConfigError, match=r"unexpected keys: wsi_encoder\.res_proj1"):
+        load_released_state_dict(MoMKD(cfg), sd)
+    # a momkd model built with input_residual: linear exports and re-imports its projection
+    linear = model_from_released(sd)
+    assert linear.cfg.input_residual == "linear"
+    assert set(export_released_state_dict(linear)) == set(RELEASED_KEYS)

@@ -16,8 +16,8 @@ from momkd.config import (
 )
 from momkd.errors import ConfigError
 
-# The defaults required by SPEC §2.4-2.6 and the configuration issue.
-SPEC_DEFAULTS = {
+# The defaults required by docs/METHOD.md §2.4-2.6 and the configuration issue.
+METHOD_DEFAULTS = {
     "data.case_column": "case_id",
     "data.slide_column": "slide_id",
     "data.expression_orientation": "patients_x_genes",
@@ -84,7 +84,7 @@ def _yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 
 def test_defaults_load(tmp_path: Path) -> None:
     cfg = load_config(_yaml(tmp_path, ""))
-    for key, value in SPEC_DEFAULTS.items():
+    for key, value in METHOD_DEFAULTS.items():
         assert _get(cfg, key) == value, key
     assert cfg == RunConfig()
     assert load_config(None) == cfg

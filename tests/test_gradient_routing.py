@@ -1,4 +1,4 @@
-"""Gradient routing of every loss term, one at a time (SPEC §2.4).
+"""Gradient routing of every loss term, one at a time (docs/METHOD.md §2.4).
 
 The memory is detached in the attention path and in the commitment target; nothing else is
 detached. Each term alone is back-propagated and the set of parameter groups that receive a

@@ -285,10 +285,10 @@ def test_complete_output_exists(tmp_path):
 def _interrupt_with_failing_reader(monkeypatch, src, out, fail_on: str) -> None:
     real = ingest_mod.read_source
 
-    def failing(source, key="features"):
+    def failing(source, key="features", **kw):
         if source.slide_id == fail_on:
             raise IngestError(f"{source.path}: simulated read failure")
-        return real(source, key)
+        return real(source, key, **kw)
 
     monkeypatch.setattr(ingest_mod, "read_source", failing)
     with pytest.raises(IngestError, match="simulated"):
@@ -300,9 +300,9 @@ def _record_reads(monkeypatch) -> list[str]:
     seen: list[str] = []
     real = ingest_mod.read_source
 
-    def recording(source, key="features"):
+    def recording(source, key="features", **kw):
         seen.append(source.slide_id)
-        return real(source, key)
+        return real(source, key, **kw)
 
     monkeypatch.setattr(ingest_mod, "read_source", recording)
     return seen
@@ -350,9 +350,9 @@ _CHILD = textwrap.dedent(
     import importlib, sys, time
     m = importlib.import_module("momkd.data.ingest")
     real = m.read_source
-    def slow(source, key="features"):
+    def slow(source, key="features", **kw):
         time.sleep(0.15)
-        return real(source, key)
+        return real(source, key, **kw)
     m.read_source = slow
     m.COMMIT_INTERVAL_S = 0.0
     m.ingest(sys.argv[1], sys.argv[2], chunk_rows=16, threads=1, progress=False)

@@ -1,4 +1,4 @@
-"""Loss terms of MoMKD against values computed by hand / with numpy (SPEC §2.4)."""
+"""Loss terms of MoMKD against values computed by hand / with numpy (docs/METHOD.md §2.4)."""
 
 from __future__ import annotations
 

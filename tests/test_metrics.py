@@ -16,8 +16,12 @@ from momkd.metrics import (
     best_f1_threshold,
     binary_metrics,
     bootstrap_auc_ci,
+    delong_test,
     evaluate_with_threshold,
+    paired_auc_test,
+    patient_level,
 )
+from oracles import delong_by_loops, stratified_draws
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -183,20 +187,131 @@ def test_aggregate_nan_and_single_fold() -> None:
     assert aggregate([]) == ({}, {})
 
 
-def test_bootstrap_ci_matches_sklearn_resampling() -> None:
-    y, p = _sample(2, n=60)
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_ci_matches_sklearn_on_the_same_stratified_resamples(ties: bool) -> None:
+    y, p = _sample(2, n=60, ties=ties)
     n, seed = 200, 7
     low, high = bootstrap_auc_ci(y, p, n=n, seed=seed)
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(n, len(y)))
-    aucs = [roc_auc_score(y[r], p[r]) for r in idx if len(np.unique(y[r])) == 2]
+    rows = stratified_draws(y, n, seed)
+    for r in rows:  # every resample keeps the class counts
+        assert y[r].sum() == y.sum() and len(r) == len(y)
+    aucs = [roc_auc_score(y[r], p[r]) for r in rows]
     ref_low, ref_high = np.percentile(aucs, [2.5, 97.5])
-    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+    assert low == pytest.approx(ref_low, abs=1e-12) and high == pytest.approx(ref_high, abs=1e-12)
     assert low < roc_auc_score(y, p) < high
 
 
 def test_bootstrap_ci_deterministic_and_single_class() -> None:
     y, p = _sample(4)
     assert bootstrap_auc_ci(y, p, n=50, seed=1) == bootstrap_auc_ci(y, p, n=50, seed=1)
+    assert bootstrap_auc_ci(y, p, n=50, seed=1) != bootstrap_auc_ci(y, p, n=50, seed=2)
     with pytest.warns(MetricWarning):
         low, high = bootstrap_auc_ci([1, 1, 1], [0.2, 0.5, 0.7], n=10)
     assert math.isnan(low) and math.isnan(high)
+    with pytest.raises(DataError, match="resamples"):
+        bootstrap_auc_ci(y, p, n=0)
+
+
+def _binormal(seed: int, n_pos: int, n_neg: int, d: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = np.r_[rng.normal(d, 1.0, n_pos), rng.normal(0.0, 1.0, n_neg)]
+    return np.r_[np.ones(n_pos, np.int64), np.zeros(n_neg, np.int64)], p
+
+
+def _coverage(seeds: range, n_pos: int, n_neg: int, d: float, resamples: int) -> float:
+    # Binormal scores with unit variances: AUC = P(X_pos > X_neg) = Phi(d / sqrt(2)).
+    true_auc = 0.5 * math.erfc(-d / 2.0)
+    hits = 0
+    for seed in seeds:
+        y, p = _binormal(seed, n_pos, n_neg, d)
+        low, high = bootstrap_auc_ci(y, p, n=resamples, seed=seed + 10_000)
+        hits += low <= true_auc <= high
+    return hits / len(seeds)
+
+
+def test_bootstrap_ci_covers_the_true_auc_at_about_the_nominal_rate() -> None:
+    # 300 data sets: the binomial standard error of a 95% coverage is 1.3 points.
+    coverage = _coverage(range(300), n_pos=40, n_neg=60, d=1.0, resamples=500)
+    assert 0.91 <= coverage <= 0.98, coverage
+
+
+@pytest.mark.slow
+def test_bootstrap_ci_coverage_many_seeds() -> None:
+    coverage = _coverage(range(2000), n_pos=60, n_neg=140, d=1.2, resamples=2000)
+    assert abs(coverage - 0.95) <= 0.02, coverage
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ties", [False, True])
+def test_delong_matches_an_independent_quadratic_computation(seed: int, ties: bool) -> None:
+    y, pa = _sample(seed, n=45, ties=ties)
+    rng = np.random.default_rng(seed + 100)
+    pb = np.clip(pa + rng.normal(0, 0.15, len(pa)), 0, 1)  # a correlated second method
+    if ties:
+        pb = np.round(pb, 1)
+    ours = delong_test(y, pa, pb)
+    diff, p_value = delong_by_loops(y, pa, pb)
+    assert ours["auc_a"] == pytest.approx(roc_auc_score(y, pa), abs=1e-12)
+    assert ours["auc_b"] == pytest.approx(roc_auc_score(y, pb), abs=1e-12)
+    assert ours["auc_diff"] == pytest.approx(diff, abs=1e-12)
+    assert ours["p_value"] == pytest.approx(p_value, rel=1e-7, abs=1e-12)
+    assert 0.0 < ours["p_value"] <= 1.0
+
+
+def test_delong_degenerate_cases() -> None:
+    y, p = _sample(1)
+    same = delong_test(y, p, p)
+    assert same["auc_diff"] == 0.0 and same["p_value"] == 1.0
+    with pytest.warns(MetricWarning):
+        few = delong_test([0, 0, 1], [0.1, 0.2, 0.9], [0.3, 0.2, 0.1])
+    assert math.isnan(few["p_value"]) and few["auc_a"] == 1.0 and few["auc_b"] == 0.0
+
+
+def test_paired_bootstrap_matches_sklearn_on_the_same_resamples() -> None:
+    y, pa = _sample(5, n=70)
+    pb = np.random.default_rng(9).permutation(pa)  # an unrelated, weaker method
+    n, seed = 150, 3
+    out = paired_auc_test(y, pa, pb, n=n, seed=seed)
+    diffs = np.array(
+        [
+            roc_auc_score(y[r], pa[r]) - roc_auc_score(y[r], pb[r])
+            for r in stratified_draws(y, n, seed)
+        ]
+    )
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert out["ci_low"] == pytest.approx(low, abs=1e-12)
+    assert out["ci_high"] == pytest.approx(high, abs=1e-12)
+    p_boot = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    assert out["p_value_bootstrap"] == pytest.approx(p_boot)
+    assert out["auc_diff"] == pytest.approx(roc_auc_score(y, pa) - roc_auc_score(y, pb))
+    assert out["p_value"] == pytest.approx(delong_by_loops(y, pa, pb)[1], rel=1e-7)
+    assert (out["n"], out["n_pos"], out["n_resamples"]) == (len(y), int(y.sum()), n)
+
+
+def test_paired_bootstrap_uses_the_same_resamples_for_both_methods() -> None:
+    # Identical methods: every paired difference is exactly 0, so the CI collapses to a point.
+    y, p = _sample(6, n=80)
+    out = paired_auc_test(y, p, p.copy(), n=300, seed=0)
+    assert out["ci_low"] == 0.0 and out["ci_high"] == 0.0 and out["p_value"] == 1.0
+    # An unpaired bootstrap of each AUC would give a wide interval for the difference.
+    shifted = paired_auc_test(y, p, np.where(y == 1, p - 0.05, p), n=300, seed=0)
+    assert shifted["ci_low"] >= 0.0 and shifted["auc_diff"] > 0.0
+
+
+def test_patient_level_matches_a_hand_computation() -> None:
+    cases = ["P1", "P1", "P2", "P3", "P3", "P3", ""]
+    slides = ["s1", "s2", "s3", "s4", "s5", "s6", "s7"]
+    labels = [1, 1, 0, 0, 0, 0, 1]
+    probs = [0.9, 0.3, 0.4, 0.2, 0.5, 0.8, 0.7]
+    ids, y, p = patient_level(cases, labels, probs, slide_ids=slides)
+    assert ids == ["P1", "P2", "P3", "s7"]
+    assert y.tolist() == [1, 0, 0, 1]
+    assert p == pytest.approx([0.6, 0.4, 0.5, 0.7])
+    # AUC over patients by hand: positives 0.6, 0.7 vs negatives 0.4, 0.5 -> 4/4.
+    assert binary_metrics(y, p)["auc"] == 1.0
+    assert binary_metrics(labels, probs)["auc"] == pytest.approx(roc_auc_score(labels, probs))
+    # One row per patient already: the identity.
+    ids2, y2, p2 = patient_level(ids, y, p)
+    assert ids2 == ids and y2.tolist() == y.tolist() and p2.tolist() == p.tolist()
+    with pytest.raises(DataError, match="'P1'"):
+        patient_level(["P1", "P1"], [0, 1], [0.2, 0.3])

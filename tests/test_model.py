@@ -127,6 +127,57 @@ def test_graph_encoder_tiny_bags() -> None:
         )
 
 
+def encoder_hand_identity(
+    enc: torch.nn.Module, x: torch.Tensor, edge_index: torch.Tensor
+) -> torch.Tensor:
+    """The released encoder at D_in = H: the first residual adds ``x`` itself."""
+    edges = [(int(s), int(t)) for s, t in edge_index.T]
+    h1 = _elu(_ln_hand(_gatv2_hand(enc.gat1, x, edges), enc.ln1)) + x
+    h2 = _elu(_ln_hand(_gatv2_hand(enc.gat2, h1, edges), enc.ln2)) + h1
+    return torch.where(h1 > h2, h1, h2)
+
+
+@torch.no_grad()
+def test_identity_residual_at_d_in_equal_to_hidden() -> None:
+    model = small_model(d_in=8).eval()  # SMALL has hidden 8
+    enc = model.histology_encoder
+    assert isinstance(enc.res_proj1, torch.nn.Identity)
+    assert not [n for n, _ in enc.named_parameters() if n.startswith("res_proj1")]
+    x, ei = make_bag(11, seed=3, d=8)
+    torch.testing.assert_close(enc(x, ei), encoder_hand_identity(enc, x, ei), rtol=1e-4, atol=1e-5)
+    # `linear` keeps a projection at D_in = H: 8*8 + 8 more parameters, and another function
+    lin = small_model(d_in=8, input_residual="linear").eval()
+    assert isinstance(lin.histology_encoder.res_proj1, torch.nn.Linear)
+    n_auto = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in lin.parameters()) - n_auto == 8 * 8 + 8
+    lin.histology_encoder.load_state_dict(enc.state_dict(), strict=False)
+    assert not torch.allclose(lin.histology_encoder(x, ei), enc(x, ei), atol=1e-4)
+    # D_in != H always projects
+    assert isinstance(small_model().histology_encoder.res_proj1, torch.nn.Linear)
+    with pytest.raises(ConfigError, match="model.input_residual"):
+        ModelConfig(input_residual="none")
+
+
+def test_input_residual_from_config_and_legacy_checkpoints() -> None:
+    from momkd.config import load_config
+    from momkd.train.loop import build_model, model_spec_for
+
+    for preset in ("official", "paper"):
+        cfg = load_config(None, [f"model.preset={preset}"])
+        assert cfg.model.input_residual == "auto"
+        h = cfg.model.hidden
+        spec = model_spec_for(cfg, d_in=h, genes=16)
+        assert spec["params"]["input_residual"] == "auto"
+        model = build_model(spec)
+        assert isinstance(model.histology_encoder.res_proj1, torch.nn.Identity), preset
+    cfg = load_config(None, ["model.hidden=8", "model.input_residual=linear"])
+    spec = model_spec_for(cfg, d_in=8, genes=16)
+    assert isinstance(build_model(spec).histology_encoder.res_proj1, torch.nn.Linear)
+    # a spec saved before the option existed describes a model that always had a Linear
+    legacy = {"method": "momkd", "params": {**SMALL, "d_in": 8}}
+    assert isinstance(build_model(legacy).histology_encoder.res_proj1, torch.nn.Linear)
+
+
 # ---- memory attention pooling ------------------------------------------------------------------
 
 

@@ -338,8 +338,8 @@ def test_export_to_the_released_format_refuses_a_standardising_model() -> None:
     from momkd.model.momkd import ModelConfig, MoMKD
     from momkd.train.standardize import attach_standardizer
 
-    model = MoMKD(ModelConfig(d_in=8, hidden=8, sphere=4, memory_k=2, genes=6))
+    model = MoMKD(ModelConfig(d_in=12, hidden=8, sphere=4, memory_k=2, genes=6))
     assert len(export_released_state_dict(model)) == 51
-    attach_standardizer(model, 8)
+    attach_standardizer(model, 12)
     with pytest.raises(ConfigError, match="data.standardize"):
         export_released_state_dict(model)

@@ -157,3 +157,37 @@ def test_resolve_user_splits() -> None:
         resolve_splits([Split(("A",), (), ("Z-1",))], slides, cases, source="/runs/s")
     with pytest.raises(DataError, match=r"splits_0\.csv: patient 'A'"):
         resolve_splits([Split(("A-1", "B-1"), (), ("A-2",))], slides, cases, source="/runs/s")
+
+
+def test_subsample_train_is_stratified_nested_and_keeps_val_test() -> None:
+    from momkd.train.splits import subsample_train
+
+    rng = np.random.default_rng(0)
+    cases = [f"P{i:02d}" for i in range(40)]
+    labels = {c: int(i < 14) for i, c in enumerate(cases)}  # 14 positive, 26 negative
+    slides = [f"{c}-{j}" for c in cases for j in range(1 + int(rng.random() < 0.3))]
+    case_of = {s: s.split("-")[0] for s in slides}
+    label_of = {s: labels[case_of[s]] for s in slides}
+    (split,) = make_splits(
+        [case_of[s] for s in slides], [label_of[s] for s in slides], k=2, slide_ids=slides
+    )[:1]
+    train_patients = {
+        c: sorted({case_of[s] for s in split.train if label_of[s] == c}) for c in (0, 1)
+    }
+    kept_before: set[str] = set()
+    for fraction in (0.25, 0.5, 1.0):
+        sub = subsample_train(split, case_of, label_of, fraction, seed=3, fold=0)
+        assert sub.val == split.val and sub.test == split.test
+        patients = {case_of[s] for s in sub.train}
+        for c, members in train_patients.items():
+            expected = max(1, int(np.floor(fraction * len(members) + 0.5)))
+            assert len([p for p in patients if labels[p] == c]) == expected
+        # Whole patients only: every slide of a kept patient is kept.
+        assert set(sub.train) == {s for s in split.train if case_of[s] in patients}
+        assert kept_before <= patients  # nested across fractions
+        kept_before = patients
+    assert subsample_train(split, case_of, label_of, 1.0) is split
+    other = subsample_train(split, case_of, label_of, 0.5, seed=4, fold=0)
+    assert other.train != subsample_train(split, case_of, label_of, 0.5, seed=3, fold=0).train
+    with pytest.raises(DataError, match="fraction"):
+        subsample_train(split, case_of, label_of, 0.0)

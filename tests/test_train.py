@@ -341,3 +341,93 @@ def test_sampler_state_round_trip() -> None:
 
     with pytest.raises(ConfigError, match="seed"):
         ClassBalancedSampler([0, 1, 1, 0, 1], seed=3).load_state_dict(s.state_dict())
+
+
+def test_pooled_ci_and_patient_level_from_prediction_csvs(
+    run: tuple[Path, dict], cohort: Path
+) -> None:
+    from collections import defaultdict
+
+    from momkd.metrics import bootstrap_auc_ci
+
+    out, summary = run
+    rows = [r for k in range(2) for r in _read_csv(out / f"fold_{k}" / "test_predictions.csv")]
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([float(r["prob"]) for r in rows])
+    assert summary["pooled"]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert summary["pooled"]["n"] == len(rows)
+    ci = summary["ci"]
+    assert ci["resamples"] == 2000 and ci["seed"] == 1 and ci["level"] == 0.95
+    assert ci["auc"] == pytest.approx(list(bootstrap_auc_ci(y, p, n=2000, seed=1)))
+    assert ci["auc"][0] <= summary["pooled"]["auc"] <= ci["auc"][1]
+
+    # Patient level: mean slide probability per patient, by hand, per fold and pooled.
+    def by_patient(rs: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        acc: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in rs:
+            acc[r["case_id"]].append((int(r["label"]), float(r["prob"])))
+        ys = np.array([v[0][0] for v in acc.values()])
+        ps = np.array([np.mean([q for _, q in v]) for v in acc.values()])
+        return ys, ps
+
+    patient = summary["patient"]
+    per_fold = []
+    for k in range(2):
+        yk, pk = by_patient(_read_csv(out / f"fold_{k}" / "test_predictions.csv"))
+        fold = patient["folds"][k]["test"]
+        assert fold["n"] == len(yk)
+        assert fold["auc"] == pytest.approx(roc_auc_score(yk, pk), abs=1e-12)
+        thr = summary["folds"][k]["threshold"]
+        assert fold["thr_balanced_accuracy"] == pytest.approx(
+            balanced_accuracy_score(yk, (pk > thr).astype(int))
+        )
+        per_fold.append(fold["auc"])
+    assert patient["mean"]["auc"] == pytest.approx(np.mean(per_fold))
+    yp, pp = by_patient(rows)
+    assert len(yp) < len(rows), "the cohort should contain two-slide patients"
+    assert patient["pooled"]["auc"] == pytest.approx(roc_auc_score(yp, pp), abs=1e-12)
+    assert patient["ci"]["auc"][0] <= patient["pooled"]["auc"] <= patient["ci"]["auc"][1]
+
+    ens = _read_csv(out / "external_predictions.csv")
+    ye = np.array([int(r["label"]) for r in ens])
+    pe = np.array([float(r["prob"]) for r in ens])
+    assert summary["external"]["ci"]["auc"] == pytest.approx(
+        list(bootstrap_auc_ci(ye, pe, n=2000, seed=1))
+    )
+    ype, ppe = by_patient(ens)
+    assert patient["external"]["ensemble"]["auc"] == pytest.approx(roc_auc_score(ype, ppe))
+
+    text = (out / "summary.txt").read_text()
+    assert "pooled test predictions" in text and "95% CI" in text and "patient level" in text
+
+
+def test_report_shows_pooled_cis_and_patient_level(run: tuple[Path, dict]) -> None:
+    import re
+
+    from momkd.report import write_report
+
+    out, summary = run
+    text = write_report(out).read_text()
+    cells = {
+        (fold, metric): float(value)
+        for fold, metric, value in re.findall(
+            r'data-table="pooled" data-fold="([^"]+)" data-metric="([^"]+)" '
+            r'data-value="([^"]+)"',
+            text,
+        )
+    }
+    patient = summary["patient"]
+    expected = {
+        ("test, slides", "auc"): summary["pooled"]["auc"],
+        ("test, slides", "auc_ci_low"): summary["ci"]["auc"][0],
+        ("test, slides", "auc_ci_high"): summary["ci"]["auc"][1],
+        ("test, patients", "auc"): patient["pooled"]["auc"],
+        ("test, patients", "n"): patient["pooled"]["n"],
+        ("test, patients", "auc_ci_low"): patient["ci"]["auc"][0],
+        ("external ensemble, slides", "auc_ci_high"): summary["external"]["ci"]["auc"][1],
+        ("external ensemble, patients", "auc"): patient["external"]["ensemble"]["auc"],
+    }
+    for key, value in expected.items():
+        assert cells[key] == pytest.approx(value), key
+    # The per-fold patient-level table.
+    assert 'data-table="patient" data-fold="fold 1" data-metric="auc"' in text

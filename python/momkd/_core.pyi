@@ -201,7 +201,7 @@ class BagPrefetcher:
         """Number of bags the iteration yields."""
 
 def knn_graph(coords: npt.NDArray[np.generic], k: int = 8) -> npt.NDArray[np.int64]:
-    """Exact k-nearest-neighbour graph on patch coordinates (SPEC §2.2).
+    """Exact k-nearest-neighbour graph on patch coordinates (docs/METHOD.md §2.2).
 
     Parameters
     ----------

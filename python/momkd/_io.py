@@ -19,14 +19,55 @@ import numpy as np
 __all__ = [
     "atomic_open",
     "atomic_write_text",
+    "current_umask",
     "dir_bytes",
     "jsonable",
     "metrics_from_json",
     "read_csv_predictions",
     "read_json",
+    "temp_file_beside",
     "write_csv",
     "write_json",
 ]
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask.
+
+    Read from ``/proc/self/status`` where the kernel reports it (no side effect); elsewhere it is
+    read by setting and restoring it with :func:`os.umask`.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_beside(dest: Path) -> tuple[int, str]:
+    """A new temporary file next to ``dest`` whose mode is what ``open(dest, "w")`` would give.
+
+    :func:`tempfile.mkstemp` creates files with mode 0600 regardless of the umask; a file renamed
+    over ``dest`` would keep that mode, so the mode is reset to ``0o666 & ~umask`` here.
+
+    Returns
+    -------
+    fd, path
+        An open descriptor (the caller owns it) and the temporary file's path.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
 
 
 @contextmanager
@@ -35,11 +76,11 @@ def atomic_open(path: str | os.PathLike[str], *, newline: str | None = "") -> It
 
     Writes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
     ``path`` when the block ends; on an exception the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. The file gets the mode a plain ``open`` would give (``0o666`` less the umask).
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = temp_file_beside(dest)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
             yield fh

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from momkd import __version__
+
 log = logging.getLogger("momkd")
 
 
@@ -92,6 +94,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        grid_coords_ok=args.no_coords,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -118,10 +121,18 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from momkd._threads import set_torch_threads
     from momkd.config import load_config
     from momkd.train.runner import train
 
     cfg = load_config(args.config, overrides=args.set or [])
+    threads = cfg.train.torch_threads
+    if threads is None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        # torchrun: the node's cores are shared by its ranks
+        from momkd._threads import available_cores
+
+        threads = max(1, available_cores() // int(os.environ["LOCAL_WORLD_SIZE"]))
+    set_torch_threads(threads)  # validated by load_config
     if args.prepare_only:
         from momkd.train.runner import prepare_run
 
@@ -166,9 +177,33 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_threads(source: str, given: int | None) -> None:
+    """Torch threads of eval/predict: ``--torch-threads``, else the run's
+    ``train.torch_threads``, else every available core."""
+    from momkd._threads import set_torch_threads
+
+    if given is not None:
+        set_torch_threads(given, key="--torch-threads")
+        return
+    path = Path(source)
+    run_dir = path if path.is_dir() else path.parent.parent
+    saved = None
+    try:
+        import yaml
+
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        saved = raw["train"]["torch_threads"]
+    except Exception:  # noqa: BLE001 - no readable run config: use the default
+        saved = None
+    if not (isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1):
+        saved = None
+    set_torch_threads(saved)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from momkd.train.evaluate import evaluate_run, format_eval
 
+    _inference_threads(args.run_dir, args.torch_threads)
     result = evaluate_run(
         args.run_dir,
         store=args.store,
@@ -184,6 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from momkd.train.evaluate import predict
 
+    _inference_threads(args.source, args.torch_threads)
     n = predict(args.source, store=args.store, out=args.out, slides=args.slides)
     print(f"wrote predictions for {n} slides to {args.out}")
     return 0
@@ -211,6 +247,32 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from momkd.compare import format_comparison, run_compare
+
+    result = run_compare(
+        args.config,
+        args.methods,
+        args.out,
+        overrides=args.set or [],
+        train_fractions=args.train_fraction,
+        resamples=args.resamples,
+    )
+    print(format_comparison(result))
+    print(f"comparison: {Path(args.out) / 'comparison.html'}")
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from momkd.demo import run_demo
 
@@ -227,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="momkd",
         description="MoMKD: genomics-guided training of histology-only slide classifiers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -260,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature compression: blosc-lz4+shuffle+crc32c (fast, default) or zstd+checksum",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable files")
+    p.add_argument(
+        "--no-coords",
+        action="store_true",
+        help="accept files without 'coords': lay their rows on a grid (the k-NN graph is then "
+        "arbitrary)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a complete store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
@@ -300,12 +369,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory written by `momkd train`")
     p.set_defaults(func=_cmd_summarize)
 
+    p = sub.add_parser(
+        "compare",
+        help="train several methods on identical splits; paired tests, CIs, learning curve",
+    )
+    p.add_argument("--config", required=True, help="YAML run configuration shared by the methods")
+    p.add_argument(
+        "--methods",
+        required=True,
+        help="comma-separated METHOD[:KEY=VALUE...] entries, e.g. "
+        "momkd,momkd:memory.update=momentum,abmil",
+    )
+    p.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key for every method"
+    )
+    p.add_argument(
+        "--train-fraction",
+        default=None,
+        metavar="F[,F...]",
+        help="learning curve: shares of each fold's training patients, e.g. 0.25,0.5,1.0",
+    )
+    p.add_argument(
+        "--resamples",
+        type=_non_negative_int,
+        default=None,
+        help="bootstrap resamples of the CIs (default: train.ci_resamples; 0: off)",
+    )
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("eval", help="evaluate a run's fold models on a labelled cohort")
     p.add_argument("run_dir", help="run directory written by `momkd train`")
     p.add_argument("--store", required=True, help="cohort store (.zarr)")
     p.add_argument("--clinical", required=True, help="clinical table (CSV/TSV)")
     p.add_argument("--label-column", default=None, help="label column (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval_<store>)")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="PyTorch threads (default: the run's train.torch_threads, else all cores)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="histology-only predictions for every slide of a store")
@@ -313,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="cohort store (.zarr)")
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="PyTorch threads (default: the run's train.torch_threads, else all cores)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="memory components, top patches and attention maps")
@@ -353,9 +463,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         print(f"momkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        # `pip install momkd` carries what inference needs; training-side modules come with extras.
+        needed = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if needed is None:
+            raise
+        package, extra = needed
+        print(
+            f"momkd {args.command}: error: needs {package}: pip install 'momkd[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"momkd {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# Optional modules: the package and the extra that install each (see pyproject.toml).
+_EXTRA_OF = {
+    "sklearn": ("scikit-learn", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "xgboost": ("xgboost", "xgboost"),
+    "pyarrow": ("pyarrow", "parquet"),
+}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,9 +1,14 @@
-"""Interoperability with state dicts saved by the MoMKD authors' released implementation (SPEC §2.8).
+"""Interoperability with state dicts saved by the MoMKD authors' released implementation (docs/METHOD.md §2.8).
 
 The released model stores 51 entries: 45 learned tensors that correspond one-to-one to momkd's
 parameters (under other names), and per class memory three buffers of its vector-quantisation
 codebook (``initted``, ``cluster_size``, ``embed_avg``) that play no role in the forward pass. The
 memories themselves are stored as ``mem_{pos,neg}._codebook.embed`` of shape (1, K, S).
+
+When the feature dimension equals the encoder width (D_in = H), the released encoder's first
+residual is the identity, so its state dict has 49 entries (no ``wsi_encoder.res_proj1.*``).
+momkd builds the same encoder (``input_residual: auto``), and these functions expect, export and
+infer the key set that matches the model.
 
 Loading a released state dict gives the same logits and attention as the released model on the same
 inputs (float32, dropout off).
@@ -23,9 +28,11 @@ from momkd.model.momkd import ModelConfig, MoMKD
 
 __all__ = [
     "RELEASED_KEYS",
+    "RESIDUAL_KEYS",
     "export_released_state_dict",
     "load_released_state_dict",
     "model_from_released",
+    "released_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,8 +81,20 @@ INERT_KEYS: tuple[str, ...] = tuple(
     for b in ("initted", "cluster_size", "embed_avg")
 )
 
-#: All 51 keys of a released state dict.
+#: All 51 keys of a released state dict (D_in != H).
 RELEASED_KEYS: tuple[str, ...] = tuple(KEY_MAP) + INERT_KEYS
+
+#: Keys of the first residual projection, absent when it is the identity (D_in = H).
+RESIDUAL_KEYS: tuple[str, ...] = ("wsi_encoder.res_proj1.weight", "wsi_encoder.res_proj1.bias")
+
+
+def released_keys(model: MoMKD) -> tuple[str, ...]:
+    """The released key set matching ``model``: 51 keys, or 49 when its first residual is the
+    identity (D_in = H with ``input_residual: auto``)."""
+    if isinstance(model.histology_encoder.res_proj1, torch.nn.Identity):
+        return tuple(k for k in RELEASED_KEYS if k not in RESIDUAL_KEYS)
+    return RELEASED_KEYS
+
 
 _MEMORY_KEYS = ("mem_pos._codebook.embed", "mem_neg._codebook.embed")
 
@@ -110,7 +129,8 @@ def load_released_state_dict(
     model : MoMKD
         Target model with matching dimensions (any memory update mode).
     sd : Mapping[str, Tensor]
-        The released state dict (51 keys; a ``module.`` prefix from DataParallel is stripped).
+        The released state dict (51 keys, 49 at D_in = H; a ``module.`` prefix from DataParallel
+        is stripped).
     strict : bool
         Raise on missing or unexpected keys. Shape mismatches always raise.
 
@@ -128,8 +148,9 @@ def load_released_state_dict(
     items = dict(sd.items())
     if items and all(k.startswith("module.") for k in items):
         items = {k[len("module.") :]: v for k, v in items.items()}
-    missing = [k for k in RELEASED_KEYS if k not in items]
-    unexpected = sorted(k for k in items if k not in RELEASED_KEYS)
+    expected = released_keys(model)
+    missing = [k for k in expected if k not in items]
+    unexpected = sorted(k for k in items if k not in expected)
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -141,7 +162,7 @@ def load_released_state_dict(
     ours.update(dict(model.named_buffers()))
     pending: list[tuple[Tensor, Tensor]] = []
     for key, name in KEY_MAP.items():
-        if key not in items:
+        if key not in items or key not in expected:
             continue
         target = ours[name]
         value = items[key]
@@ -199,9 +220,9 @@ def model_from_released(sd: Mapping[str, Tensor], **overrides: Any) -> MoMKD:
             f"released state dict: wsi_encoder.gat1.att has shape {att}, expected (1, 2, H/2)"
         )
     embed = shape("mem_pos._codebook.embed")
-    dims: dict[str, int] = {
+    dims: dict[str, Any] = {
         "d_in": shape("wsi_encoder.gat1.lin_l.weight")[1],
-        "hidden": shape("wsi_encoder.res_proj1.weight")[0],
+        "hidden": shape("wsi_encoder.ln1.weight")[0],
         "genes": shape("rna_tower.encoder.0.weight")[1],
         "omics_hidden": shape("rna_tower.encoder.0.weight")[0],
         "omics_width": shape("rna_tower.encoder.4.weight")[0],
@@ -210,6 +231,18 @@ def model_from_released(sd: Mapping[str, Tensor], **overrides: Any) -> MoMKD:
         "classifier_hidden": shape("wsi_classifier_proto.1.weight")[0],
         "n_classes": shape("wsi_classifier_proto.4.weight")[0],
     }
+    # No residual projection: the released identity residual, possible only at D_in = H. A
+    # projection at D_in = H (a state dict exported from a momkd model built with
+    # input_residual: linear) keeps its Linear.
+    if RESIDUAL_KEYS[0] in items:
+        dims["input_residual"] = "linear" if dims["d_in"] == dims["hidden"] else "auto"
+    elif dims["d_in"] == dims["hidden"]:
+        dims["input_residual"] = "auto"
+    else:
+        raise ConfigError(
+            f"released state dict: missing key {RESIDUAL_KEYS[0]} (needed when the feature "
+            f"dimension {dims['d_in']} differs from the encoder width {dims['hidden']})"
+        )
     clash = sorted(set(dims) & set(overrides))
     if clash:
         raise ConfigError(f"model_from_released: {clash} are inferred from the state dict")
@@ -219,7 +252,10 @@ def model_from_released(sd: Mapping[str, Tensor], **overrides: Any) -> MoMKD:
 
 
 def export_released_state_dict(model: MoMKD) -> dict[str, Tensor]:
-    """The model's weights under the released implementation's 51 key names and shapes.
+    """The model's weights under the released implementation's key names and shapes.
+
+    51 keys, or 49 without ``wsi_encoder.res_proj1.*`` when the model's first residual is the
+    identity (D_in = H), exactly as the released code saves them.
 
     Memories are exported as (1, K, S); the inert codebook buffers as ``initted`` (1,) = 1,
     ``cluster_size`` (1, K) = 1 and ``embed_avg`` (1, K, S) = the memory.
@@ -231,7 +267,7 @@ def export_released_state_dict(model: MoMKD) -> dict[str, Tensor]:
     Returns
     -------
     dict[str, Tensor]
-        Detached CPU float32 copies, keyed like :data:`RELEASED_KEYS`.
+        Detached CPU float32 copies, keyed like :func:`released_keys`.
     """
     if isinstance(getattr(model, "feature_mean", None), Tensor):
         raise ConfigError(
@@ -241,8 +277,11 @@ def export_released_state_dict(model: MoMKD) -> dict[str, Tensor]:
         )
     ours: dict[str, Tensor] = dict(model.named_parameters())
     ours.update(dict(model.named_buffers()))
+    expected = released_keys(model)
     out: dict[str, Tensor] = {}
     for key, name in KEY_MAP.items():
+        if key not in expected:
+            continue
         value = ours[name].detach().to("cpu", torch.float32).clone()
         if key in _MEMORY_KEYS:
             value = value[None]

@@ -123,6 +123,9 @@ class DataConfig:
     bag: Literal["slide", "patient"] = _f(
         "slide", "model input: slide (one bag per slide) or patient (a patient's slides as one bag)"
     )
+    label_case_insensitive: bool = _f(
+        False, "match label values to data.positive/negative ignoring case and outer whitespace"
+    )
 
 
 @dataclass
@@ -138,6 +141,11 @@ class SplitsConfig:
     seed: int = _f(0, "seed of the split assignment")
     dir: Path | None = _f(
         None, "folder of user split files splits_<i>.csv (columns train,val,test)"
+    )
+    train_fraction: float = _f(
+        1.0,
+        "share of each fold's training patients used (stratified, seeded, nested across "
+        "fractions; validation and test sets unchanged): learning curves",
     )
 
 
@@ -179,6 +187,11 @@ class ModelConfig:
     attention_dim: int = _f(128, "gated-attention width of the abmil and batchkd students")
     batchkd_batch: int = _f(8, "bags per mini-batch for the batchkd alignment")
     batchkd_temperature: float = _f(2.0, "logit-distillation temperature of batchkd")
+    input_residual: Literal["auto", "linear"] = _f(
+        "auto",
+        "first encoder residual: auto (identity when the feature dim equals hidden, else a "
+        "Linear; the released rule) or linear (always a Linear)",
+    )
 
 
 @dataclass
@@ -239,7 +252,7 @@ class TrainConfig:
         None, "random subsample of patches per bag in training (null: all)"
     )
     folds: list[int] | None = _f(None, "folds to run (null: all)")
-    bootstrap: int = _f(0, "bootstrap resamples for the AUC 95% CI (0: off)")
+    bootstrap: int = _f(0, "bootstrap resamples for a per-fold test AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
     monitor: Literal["val_loss", "val_auc"] = _f(
         "val_loss",
@@ -247,6 +260,12 @@ class TrainConfig:
     )
     min_delta: float = _f(
         0.0, "a change of train.monitor within this is a tie; a tie keeps the later epoch"
+    )
+    torch_threads: int | None = _f(
+        None, "PyTorch intra-op threads of train, eval and predict (null: all available cores)"
+    )
+    ci_resamples: int = _f(
+        2000, "stratified bootstrap resamples for the pooled test/external AUC 95% CIs (0: off)"
     )
     dist_backend: Literal["auto", "nccl", "gloo"] = _f(
         "auto", "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU)"
@@ -273,6 +292,8 @@ class RunConfig:
         The configuration sections.
     source
         The file the configuration was loaded from (not part of the saved configuration).
+    overrides
+        Dotted key -> the ``--set`` item that set it (not part of the saved configuration).
     """
 
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "input files"})
@@ -288,6 +309,9 @@ class RunConfig:
     source: Path | None = field(
         default=None, compare=False, repr=False, metadata={"internal": True}
     )
+    overrides: dict[str, str] = field(
+        default_factory=dict, compare=False, repr=False, metadata={"internal": True}
+    )
 
     def __post_init__(self) -> None:
         self.apply_preset()
@@ -301,6 +325,17 @@ class RunConfig:
             if getattr(obj, key) is None:
                 setattr(obj, key, value)
 
+    def origin(self, key: str) -> str:
+        """Where the value of dotted ``key`` came from, for messages.
+
+        ``--set ITEM`` when a command-line override set the key (or a section above or below it),
+        else the configuration file, else ``config``.
+        """
+        for okey, item in self.overrides.items():
+            if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+                return f"--set {item}"
+        return str(self.source) if self.source is not None else "config"
+
     def require_inputs(self) -> None:
         """Check that the inputs a training run needs are configured and exist.
 
@@ -309,20 +344,24 @@ class RunConfig:
         ConfigError
             Naming the first missing key or file.
         """
-        where = str(self.source) if self.source is not None else "config"
+        where = self.origin
 
         def need(key: str, value: Path | None) -> None:
             if value is None:
-                raise ConfigError(f"{where}: {key}: required for training, not set")
+                raise ConfigError(f"{where(key)}: {key}: required for training, not set")
             if not value.exists():
-                raise ConfigError(f"{where}: {key}: not found: {value}")
+                raise ConfigError(f"{where(key)}: {key}: not found: {value}")
 
         need("data.store", self.data.store)
         need("data.clinical", self.data.clinical)
         if not self.data.positive:
-            raise ConfigError(f"{where}: data.positive: required, list the positive label values")
+            raise ConfigError(
+                f"{where('data.positive')}: data.positive: required, list the positive label values"
+            )
         if not self.data.negative:
-            raise ConfigError(f"{where}: data.negative: required, list the negative label values")
+            raise ConfigError(
+                f"{where('data.negative')}: data.negative: required, list the negative label values"
+            )
         if self.model.method in ("momkd", "batchkd"):
             need("data.expression", self.data.expression)
         if self.genomics.selection == "list":
@@ -571,6 +610,11 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(s.k >= 2, "splits.k", f"must be >= 2, got {s.k}")
     require(s.seed >= 0, "splits.seed", f"must be >= 0, got {s.seed}")
     require(0.0 <= s.val_fraction < 1.0, "splits.val_fraction", "must be in [0, 1)")
+    require(
+        0.0 < s.train_fraction <= 1.0,
+        "splits.train_fraction",
+        f"must be in (0, 1], got {s.train_fraction}",
+    )
     require(g.n_genes >= 1, "genomics.n_genes", f"must be >= 1, got {g.n_genes}")
     require(
         g.selection != "list" or g.gene_list is not None,
@@ -634,7 +678,11 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     )
     require(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1")
     require(t.prefetch >= 0, "train.prefetch", "must be >= 0")
-    require(t.max_patches is None or t.max_patches >= 1, "train.max_patches", "must be >= 1")
+    require(
+        t.max_patches is None or 1 <= t.max_patches < 2**63,
+        "train.max_patches",
+        f"max_patches must be an integer, at least 1 and below 2**63, got {t.max_patches!r}",
+    )
     if t.folds is not None:
         require(bool(t.folds), "train.folds", "must not be empty (null runs all folds)")
         bad = [f for f in t.folds if not 0 <= f < s.k]
@@ -644,6 +692,8 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
     require(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
+    require(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1")
+    require(t.ci_resamples >= 0, "train.ci_resamples", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------- public entries
@@ -722,6 +772,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     cfg: RunConfig = _build(RunConfig, raw, "", ctx)
     _check(cfg, ctx)
     cfg.source = Path(source).resolve() if path is not None else None
+    cfg.overrides = dict(ctx.overrides)
     return cfg
 
 

@@ -8,9 +8,11 @@ Steps (all under ``OUT``):
    :func:`momkd.data.ingest.ingest`, followed by one timed pass of the bag loader over it;
 3. ``runs/momkd`` and ``runs/abmil``: cross-validated training of both methods on the ingested store
    (preset ``demo`` of ``momkd init-config``), each fold model also predicting the external cohort;
-4. a comparison table (internal test AUC mean ± std over folds, external AUC per-fold mean ± std
-   and fold ensemble, the generator's oracle AUCs, wall times), also saved as
-   ``demo_report.txt`` / ``demo_report.json``.
+4. a comparison table (internal test AUC mean ± std over folds, pooled test AUC with its 95%
+   stratified bootstrap CI, external AUC per-fold mean ± std and fold ensemble with CI, the
+   generator's oracle AUCs, wall times) and the paired difference MoMKD − ABMIL on the same test
+   slides (paired bootstrap CI, DeLong p-value; :mod:`momkd.compare`), also saved as
+   ``demo_report.txt`` / ``demo_report.json`` and ``comparison.json`` / ``comparison.html``.
 
 The default size (800 patients, 64-dim features, about 64 patches per slide, 3 folds, 8 epochs)
 trains in a few minutes on two CPU cores; ``quick=True`` is a much smaller smoke run.
@@ -161,6 +163,28 @@ def format_demo(report: dict[str, Any]) -> str:
             f"{method:<8} {r['test_auc']:>22} {r['external_auc']:>26} "
             f"{_fmt(r['external_ensemble_auc']):>18} {r['seconds']:>9.1f}"
         )
+    if report.get("comparison"):
+        from momkd.compare import _diff_text, _with_ci
+
+        comp = report["comparison"]
+        lines.append("pooled over all folds' test slides, 95% CI (stratified bootstrap):")
+        for method in _METHODS:
+            m = comp["methods"][method]
+            ext = (m.get("external") or {}).get("ensemble_auc")
+            lines.append(
+                f"  {method:<8} test AUC {_with_ci(m['pooled_auc'])}, patient level "
+                f"{_with_ci(m['patient']['pooled_auc'])}, external ensemble {_with_ci(ext)}"
+            )
+        for key, where in (
+            ("paired", "test slides"),
+            ("paired_patient", "test patients"),
+            ("paired_external", "external cohort"),
+        ):
+            for pair in comp.get(key) or []:
+                lines.append(
+                    f"paired difference MoMKD - ABMIL ({where}): AUC {_diff_text(pair)} "
+                    "(95% paired bootstrap CI, DeLong p)"
+                )
     oracle = report.get("oracle") or {}
     if oracle:
         keys = [k for k in ("latent", "expression", "histology") if k in oracle]
@@ -217,11 +241,11 @@ def run_demo(
 
     show = sys.stderr.isatty() if progress is None else progress
     size = QUICK if quick else DEFAULT
-    import torch
+    from momkd._threads import set_torch_threads
 
     # The demo models are small: one intra-op thread beats two on a 2-core machine where the Rust
     # loader's prefetch threads run alongside.
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     out_dir = Path(out).absolute()
     _prepare_out(out_dir)
     data = out_dir / "data"
@@ -287,6 +311,14 @@ def run_demo(
             f"  {method}: test AUC {results[method]['test_auc']}, external AUC "
             f"{results[method]['external_auc']} ({seconds:.1f} s)"
         )
+    from momkd.compare import summarise_runs
+
+    comparison = summarise_runs(
+        {method: out_dir / "runs" / method for method in _METHODS},
+        out_dir,
+        resamples=cfg.train.ci_resamples,
+        seed=cfg.train.seed,
+    )
     oracle = (oracle_report.get("oracle_auc") or {}).get(label, {})
     report = {
         "label": label,
@@ -300,6 +332,7 @@ def run_demo(
         "loader": lp,
         "methods": results,
         "oracle": oracle,
+        "comparison": comparison,
         "seconds": time.perf_counter() - t0,
     }
     text = format_demo(report)
@@ -308,6 +341,7 @@ def run_demo(
     say(f"total {report['seconds']:.1f} s; runs in {out_dir / 'runs'}")
     for method, r in results.items():
         say(f"run report ({method}): {r['report']}")
+    say(f"comparison: {out_dir / 'comparison.html'}")
     write_json(out_dir / "demo_report.json", report)
     (out_dir / "demo_report.txt").write_text(text + "\n", encoding="utf-8")
     return report

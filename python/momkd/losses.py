@@ -1,4 +1,4 @@
-"""Loss terms of MoMKD (SPEC §2.4) as pure functions.
+"""Loss terms of MoMKD (docs/METHOD.md §2.4) as pure functions.
 
 The weighted total is assembled in :meth:`momkd.model.MoMKD.loss`. Memory-related math runs in
 float32. Notation: B bags, N patches, S sphere dim, K components per class memory.

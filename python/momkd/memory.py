@@ -1,4 +1,4 @@
-"""The class-conditional memory of MoMKD (SPEC §2.3, §2.5, §7, §8).
+"""The class-conditional memory of MoMKD (docs/METHOD.md §2.3, §2.5, §7, §8).
 
 Two memories, C+ (positive class) and C- (negative class), each K x S. Similarities always use
 L2-normalised rows. Three update modes:
@@ -41,7 +41,7 @@ ReduceFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 @torch.no_grad()
 def spherical_kmeans(x: Tensor, k: int, iters: int = 20, seed: int = 0) -> Tensor:
-    """Spherical k-means (SPEC §2.5).
+    """Spherical k-means (docs/METHOD.md §2.5).
 
     The rows of ``x`` are L2-normalised; the initial centroids are ``k`` distinct rows drawn with
     ``torch.randperm`` from a CPU ``torch.Generator`` seeded with ``seed``. Each iteration assigns
@@ -91,7 +91,7 @@ def spherical_kmeans(x: Tensor, k: int, iters: int = 20, seed: int = 0) -> Tenso
 
 
 def usage_stats(assign: Tensor, k: int) -> dict[str, Tensor | float]:
-    """Memory usage statistics of one class memory (SPEC §8).
+    """Memory usage statistics of one class memory (docs/METHOD.md §8).
 
     Parameters
     ----------
@@ -224,7 +224,7 @@ class ClassMemory(nn.Module):
     def momentum_update(
         self, emb: Tensor, labels: Tensor, reduce_fn: ReduceFn | None = None
     ) -> None:
-        """One momentum step over both memories (SPEC §2.5, §7).
+        """One momentum step over both memories (docs/METHOD.md §2.5, §7).
 
         Each embedding is assigned to the nearest (argmax cosine) component of its own class
         memory; per component ``c_k <- normalize(m * c_hat_k + (1 - m) * mean of assigned)``.

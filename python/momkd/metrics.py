@@ -1,4 +1,4 @@
-"""Binary classification metrics (SPEC §2.6), computed with numpy.
+"""Binary classification metrics (docs/METHOD.md §2.6), computed with numpy.
 
 Predictions are positive when ``p_pos > threshold``. At the default threshold 0.5 this is exactly
 the argmax of a two-class softmax (a tie goes to class 0, as ``argmax`` does). The definitions follow
@@ -13,6 +13,14 @@ scikit-learn (the tests compare against it):
 
 With a single class in ``y_true`` the AUC is undefined: it is NaN and a :class:`MetricWarning` is
 issued (no exception), and so are AUPRC (no positives), sensitivity or specificity when undefined.
+
+Uncertainty and comparisons:
+
+* :func:`bootstrap_auc_ci` — stratified percentile bootstrap CI of the AUC (positives and negatives
+  resampled separately, so every resample has both classes and the class counts are fixed);
+* :func:`paired_auc_test` — two methods scored on the same samples: paired stratified bootstrap CI
+  of the AUC difference (the same resamples for both) and DeLong's test (:func:`delong_test`);
+* :func:`patient_level` — slide probabilities averaged per patient, for patient-level metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ __all__ = [
     "best_f1_threshold",
     "binary_metrics",
     "bootstrap_auc_ci",
+    "delong_test",
     "evaluate_with_threshold",
+    "paired_auc_test",
+    "patient_level",
 ]
 
 #: Metrics that depend on the decision threshold (prefixed ``thr_`` by evaluate_with_threshold).
@@ -263,13 +274,74 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def bootstrap_auc_ci(
-    y: Any, p: Any, n: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the AUC.
+#: Bootstrap resamples drawn (and evaluated) at a time; bounds the memory to a few MB per chunk.
+_CHUNK = 256
 
-    Resamples are drawn as ``numpy.random.default_rng(seed).integers(0, m, size=(n, m))`` (rows =
-    resamples); resamples with a single class are skipped.
+
+def _class_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+
+
+def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """``(B, m)`` draws in ``[0, n)`` -> ``(B, n)`` multiplicities."""
+    b = idx.shape[0]
+    flat = (idx + n * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def _resampled_auc(
+    p_pos: np.ndarray, p_neg: np.ndarray, c_pos: np.ndarray, c_neg: np.ndarray
+) -> np.ndarray:
+    """AUCs of ``B`` weighted resamples in O(B (n1 + n0)).
+
+    ``c_pos`` ``(B, n1)`` and ``c_neg`` ``(B, n0)`` are the multiplicities of each positive and
+    negative sample. For a positive with score ``x``, the weighted number of negatives below it
+    (ties count one half) is read off the cumulative negative counts in score order.
+    """
+    order = np.argsort(p_neg, kind="mergesort")
+    neg_sorted = p_neg[order]
+    lt = np.searchsorted(neg_sorted, p_pos, side="left")
+    le = np.searchsorted(neg_sorted, p_pos, side="right")
+    cum = np.zeros((c_neg.shape[0], len(p_neg) + 1))
+    np.cumsum(c_neg[:, order], axis=1, out=cum[:, 1:])
+    below = 0.5 * (cum[:, lt] + cum[:, le])  # (B, n1)
+    return np.asarray((c_pos * below).sum(axis=1) / (len(p_pos) * len(p_neg)))
+
+
+def _bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n: int, seed: int) -> np.ndarray:
+    """``(n, len(scores))`` AUCs of the same stratified resamples for every score vector.
+
+    Resamples are drawn in chunks of ``_CHUNK``: for each chunk of ``c`` resamples,
+    ``rng.integers(0, n1, size=(c, n1))`` indexes the positives (in the order of
+    ``np.flatnonzero(y == 1)``) and then ``rng.integers(0, n0, size=(c, n0))`` the negatives, with
+    ``rng = numpy.random.default_rng(seed)``.
+    """
+    pos, neg = _class_indices(y)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, len(scores)))
+    for start in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - start)
+        c_pos = _resample_counts(rng.integers(0, len(pos), size=(c, len(pos))), len(pos))
+        c_neg = _resample_counts(rng.integers(0, len(neg), size=(c, len(neg))), len(neg))
+        for j, p in enumerate(scores):
+            out[start : start + c, j] = _resampled_auc(p[pos], p[neg], c_pos, c_neg)
+    return out
+
+
+def _check_resamples(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise DataError(f"metrics: bootstrap needs n >= 1 resamples, got {n!r}")
+
+
+def bootstrap_auc_ci(
+    y: Any, p: Any, n: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Stratified percentile bootstrap confidence interval of the AUC.
+
+    Each resample draws ``n_pos`` positives from the positives and ``n_neg`` negatives from the
+    negatives, with replacement, so that every resample has the original class counts (the AUC is
+    conditional on them) and none is skipped for lacking a class. Vectorised: ``n`` resamples of
+    ``m`` samples cost O(n m log m).
 
     Parameters
     ----------
@@ -278,27 +350,223 @@ def bootstrap_auc_ci(
     n
         Number of resamples.
     seed
-        Seed of the resampling.
+        Seed of ``numpy.random.default_rng``; the same seed gives the same interval.
     alpha
-        ``1 - confidence``; the interval is the ``alpha/2`` and ``1 - alpha/2`` percentiles.
+        ``1 - confidence``; the interval is the ``alpha/2`` and ``1 - alpha/2`` percentiles
+        (numpy's linear interpolation) of the resampled AUCs.
 
     Returns
     -------
     tuple[float, float]
         ``(low, high)``; ``(nan, nan)`` with a :class:`MetricWarning` when ``y`` has one class.
+
+    Raises
+    ------
+    DataError
+        Bad inputs (see :func:`binary_metrics`) or ``n < 1``.
     """
     yy, pp = _inputs(y, p)
-    if n < 1:
-        raise DataError(f"metrics: bootstrap needs n >= 1, got {n}")
+    _check_resamples(n)
     if yy.min() == yy.max():
         warnings.warn(
             "metrics: one class only; no AUC confidence interval", MetricWarning, stacklevel=2
         )
         return math.nan, math.nan
-    idx = np.random.default_rng(seed).integers(0, len(yy), size=(n, len(yy)))
-    aucs = [_auc(yy[row], pp[row]) for row in idx]
-    vals = np.array([a for a in aucs if not math.isnan(a)])
-    if vals.size == 0:
-        return math.nan, math.nan
-    low, high = np.percentile(vals, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    aucs = _bootstrap_aucs(yy, [pp], int(n), seed)[:, 0]
+    low, high = np.percentile(aucs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+def _placements(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components via midranks (O(m log m)).
+
+    ``v10[i]`` = share of negatives scored below positive ``i`` (ties one half), ``v01[j]`` = share
+    of positives scored above negative ``j``; ``mean(v10) == mean(v01) == AUC``.
+    """
+    pos, neg = _class_indices(y)
+    n1, n0 = len(pos), len(neg)
+    r_all = _midranks(p)
+    v10 = (r_all[pos] - _midranks(p[pos])) / n0
+    v01 = 1.0 - (r_all[neg] - _midranks(p[neg])) / n1
+    return v10, v01
+
+
+def delong_test(y: Any, p_a: Any, p_b: Any) -> dict[str, float]:
+    """DeLong's test of two correlated AUCs (two methods scored on the same samples).
+
+    The variance of ``AUC_a - AUC_b`` is ``c' S10 c / n1 + c' S01 c / n0`` with ``c = (1, -1)`` and
+    ``S10``, ``S01`` the covariance matrices (ddof 1) of the methods' placement values over the
+    positives and the negatives (DeLong, DeLong & Clarke-Pearson 1988; midrank computation of Sun &
+    Xu 2014). The two-sided p-value is that of ``z = diff / se`` under the standard normal.
+
+    Parameters
+    ----------
+    y
+        ``(m,)`` labels in {0, 1}.
+    p_a, p_b
+        ``(m,)`` scores of class 1 of the two methods, sample by sample.
+
+    Returns
+    -------
+    dict[str, float]
+        ``auc_a``, ``auc_b``, ``auc_diff`` (a - b), ``se``, ``z`` and ``p_value``. With zero
+        variance (e.g. identical scores) ``p_value`` is 1 when the AUCs are equal and 0 otherwise;
+        with fewer than two samples of a class every entry but the AUCs is NaN (with a
+        :class:`MetricWarning`).
+    """
+    yy, pa = _inputs(y, p_a)
+    _, pb = _inputs(y, p_b)
+    n1 = int(yy.sum())
+    n0 = len(yy) - n1
+    if min(n1, n0) < 2:
+        warnings.warn(
+            f"metrics: DeLong's test needs two samples of each class, got {n1} positive and "
+            f"{n0} negative",
+            MetricWarning,
+            stacklevel=2,
+        )
+        auc_a, auc_b = _auc(yy, pa), _auc(yy, pb)
+        nan = math.nan
+        return {
+            "auc_a": auc_a,
+            "auc_b": auc_b,
+            "auc_diff": auc_a - auc_b,
+            "se": nan,
+            "z": nan,
+            "p_value": nan,
+        }
+    v10a, v01a = _placements(yy, pa)
+    v10b, v01b = _placements(yy, pb)
+    auc_a, auc_b = float(v10a.mean()), float(v10b.mean())
+    d10 = v10a - v10b
+    d01 = v01a - v01b
+    var = float(d10.var(ddof=1) / n1 + d01.var(ddof=1) / n0)
+    diff = auc_a - auc_b
+    if var <= 1e-300:
+        z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+        p_value = 1.0 if diff == 0 else 0.0
+        se = 0.0
+    else:
+        se = math.sqrt(var)
+        z = diff / se
+        p_value = math.erfc(abs(z) / math.sqrt(2.0))
+    return {"auc_a": auc_a, "auc_b": auc_b, "auc_diff": diff, "se": se, "z": z, "p_value": p_value}
+
+
+def paired_auc_test(
+    y: Any,
+    p_a: Any,
+    p_b: Any,
+    n: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """Compare two methods' AUCs on the same samples.
+
+    The confidence interval of ``AUC_a - AUC_b`` is a paired stratified percentile bootstrap: each
+    resample (drawn as in :func:`bootstrap_auc_ci`, same seed, same draws) picks the same samples
+    for both methods. The p-value is DeLong's (:func:`delong_test`); the bootstrap's own two-sided
+    p-value, ``min(1, 2 min(P*(diff <= 0), P*(diff >= 0)))`` over the resamples, is reported as
+    ``p_value_bootstrap`` (its resolution is ``1 / n``).
+
+    Parameters
+    ----------
+    y
+        ``(m,)`` labels in {0, 1}.
+    p_a, p_b
+        ``(m,)`` scores of the two methods, aligned sample by sample.
+    n
+        Bootstrap resamples.
+    seed
+        Seed of the resampling.
+    alpha
+        ``1 - confidence`` of the interval.
+
+    Returns
+    -------
+    dict[str, float]
+        ``auc_a``, ``auc_b``, ``auc_diff``, ``ci_low``, ``ci_high``, ``p_value`` (DeLong),
+        ``p_value_bootstrap``, ``se`` and ``z`` (DeLong), ``n``, ``n_pos``, ``n_resamples``.
+        CI and bootstrap p-value are NaN (with a :class:`MetricWarning`) when ``y`` has one class.
+    """
+    yy, pa = _inputs(y, p_a)
+    _, pb = _inputs(y, p_b)
+    _check_resamples(n)
+    with warnings.catch_warnings():
+        # One warning for this comparison, issued below, is enough.
+        warnings.simplefilter("ignore", MetricWarning)
+        out = delong_test(yy, pa, pb)
+    out.update({"n": len(yy), "n_pos": int(yy.sum()), "n_resamples": int(n)})
+    if yy.min() == yy.max():
+        warnings.warn(
+            "metrics: one class only; AUCs cannot be compared", MetricWarning, stacklevel=2
+        )
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value_bootstrap=math.nan)
+        return out
+    aucs = _bootstrap_aucs(yy, [pa, pb], int(n), seed)
+    diffs = aucs[:, 0] - aucs[:, 1]
+    low, high = np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    p_boot = min(1.0, 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    out.update(ci_low=float(low), ci_high=float(high), p_value_bootstrap=p_boot)
+    return out
+
+
+def patient_level(
+    case_ids: Sequence[str],
+    labels: Any,
+    probs: Any,
+    slide_ids: Sequence[str] | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Average slide probabilities per patient.
+
+    Rows that already are one per patient (patient bags) come back unchanged, in the same order.
+
+    Parameters
+    ----------
+    case_ids
+        ``(m,)`` patient of each slide; an empty id stands for the slide itself (then ``slide_ids``
+        is needed).
+    labels
+        ``(m,)`` slide labels in {0, 1}; all slides of a patient must agree.
+    probs
+        ``(m,)`` slide probabilities of class 1.
+    slide_ids
+        ``(m,)`` slide ids, for empty patient ids and for messages.
+
+    Returns
+    -------
+    tuple[list[str], np.ndarray, np.ndarray]
+        Patient ids (in order of first appearance), their labels ``(k,)`` int64 and mean
+        probabilities ``(k,)`` float64.
+
+    Raises
+    ------
+    DataError
+        Mismatched lengths, or a patient whose slides have different labels (named).
+    """
+    y, p = _inputs(labels, probs)
+    cases = [str(c) for c in case_ids]
+    if len(cases) != len(y) or (slide_ids is not None and len(slide_ids) != len(y)):
+        raise DataError(
+            f"metrics: {len(cases)} patient ids for {len(y)} labels"
+            + ("" if slide_ids is None else f" and {len(slide_ids)} slide ids")
+        )
+    for i, c in enumerate(cases):
+        if not c:
+            if slide_ids is None:
+                raise DataError(f"metrics: row {i} has an empty patient id and no slide id")
+            cases[i] = str(slide_ids[i])
+    index: dict[str, int] = {}
+    inverse = np.array([index.setdefault(c, len(index)) for c in cases], dtype=np.int64)
+    k = len(index)
+    counts = np.bincount(inverse, minlength=k)
+    mean_p = np.bincount(inverse, weights=p, minlength=k) / counts
+    mean_y = np.bincount(inverse, weights=y, minlength=k) / counts
+    mixed = np.flatnonzero((mean_y > 0) & (mean_y < 1))
+    if mixed.size:
+        names = list(index)
+        raise DataError(
+            f"metrics: patient '{names[mixed[0]]}' has slides with different labels (0 and 1)"
+            + (f" ({mixed.size} such patients)" if mixed.size > 1 else "")
+        )
+    return list(index), mean_y.astype(np.int64), mean_p

@@ -13,7 +13,9 @@ PNG, no external assets — plus the same figures as PNG files in ``report/``:
 * calibration: a reliability diagram over the pooled test predictions (plus Brier score and ECE);
 * training curves per fold (loss terms, validation AUC, learning rate, temperature tau);
 * memory usage dynamics per fold (:func:`momkd.explain.dynamics.plot_memory_dynamics`);
-* external-cohort metrics (per fold, mean ± std, fold ensemble) when the run has one.
+* external-cohort metrics (per fold, mean ± std, fold ensemble) when the run has one;
+* the pooled test AUC and the external fold-ensemble AUC with their 95% bootstrap CIs, and the
+  patient-level metrics (slide probabilities averaged per patient: per fold, mean ± std, pooled).
 """
 
 from __future__ import annotations
@@ -600,6 +602,92 @@ def _external_section(summary: Mapping[str, Any], folds: Sequence[Mapping[str, A
     return _metric_table("external", per_fold, METRIC_LABELS, mean, std, extra)
 
 
+def _pooled_section(summary: Mapping[str, Any]) -> str:
+    """Pooled AUCs with CIs (slide and patient level) and the per-fold patient-level table."""
+    pooled = summary.get("pooled")
+    patient = summary.get("patient")
+    if not isinstance(pooled, Mapping) and not isinstance(patient, Mapping):
+        return ""
+    if not isinstance(patient, Mapping):
+        patient = {}
+    ext_raw, p_ext_raw = summary.get("external"), patient.get("external")
+    ext: Mapping[str, Any] = ext_raw if isinstance(ext_raw, Mapping) else {}
+    p_ext: Mapping[str, Any] = p_ext_raw if isinstance(p_ext_raw, Mapping) else {}
+    rows: list[str] = []
+
+    def row(name: str, metrics: Any, ci: Any, mean: Any, std: Any) -> None:
+        if not isinstance(metrics, Mapping) or not metrics:
+            return
+        low = high = None
+        if isinstance(ci, Mapping) and isinstance(ci.get("auc"), list) and len(ci["auc"]) == 2:
+            low, high = ci["auc"]
+        m, sd = _num((mean or {}).get("auc")), _num((std or {}).get("auc"))
+        spread = "" if m is None else _fmt(m) + ("" if sd is None else f" ± {_fmt(sd)}")
+        rows.append(
+            f"<tr><td>{_e(name)}</td>"
+            + "".join(
+                _cell(v, name, k, "pooled")
+                for k, v in (
+                    ("n", metrics.get("n")),
+                    ("n_pos", metrics.get("n_pos")),
+                    ("auc", metrics.get("auc")),
+                    ("auc_ci_low", low),
+                    ("auc_ci_high", high),
+                )
+            )
+            + f"<td>{spread}</td>{_cell(metrics.get('auprc'), name, 'auprc', 'pooled')}</tr>"
+        )
+
+    row("test, slides", pooled, summary.get("ci"), summary.get("mean"), summary.get("std"))
+    row(
+        "test, patients",
+        patient.get("pooled"),
+        patient.get("ci"),
+        patient.get("mean"),
+        patient.get("std"),
+    )
+    row(
+        "external ensemble, slides",
+        ext.get("ensemble"),
+        ext.get("ci"),
+        ext.get("mean"),
+        ext.get("std"),
+    )
+    row("external ensemble, patients", p_ext.get("ensemble"), p_ext.get("ci"), None, None)
+    if not rows:
+        return ""
+    ci = summary.get("ci") if isinstance(summary.get("ci"), Mapping) else {}
+    note = (
+        f"95% CI: stratified percentile bootstrap, {ci.get('resamples')} resamples."
+        if ci
+        else "CIs off (train.ci_resamples: 0)."
+    )
+    out = [
+        '<table class="pooled"><thead><tr><th>predictions</th><th>n</th><th>positive</th>'
+        "<th>pooled AUC</th><th>95% CI low</th><th>95% CI high</th>"
+        "<th>AUC mean ± std over folds</th>"
+        "<th>pooled AUPRC</th></tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
+        f'<p class="note">{_e(note)} Pooled: all folds\' test predictions ranked together. '
+        "Patient level: the mean slide probability of each patient.</p>",
+    ]
+    folds = patient.get("folds")
+    if isinstance(folds, list) and folds:
+        prow = [
+            (_fold_name(f, i), f.get("test") or {})
+            for i, f in enumerate(folds)
+            if isinstance(f, Mapping)
+        ]
+        out.append("<h3>Test, patient level, per fold</h3>")
+        out.append(
+            _metric_table(
+                "patient", prow, METRIC_LABELS, patient.get("mean") or {}, patient.get("std") or {}
+            )
+        )
+    return "".join(out)
+
+
 def _eval_sections(run: Path, out_png: Path) -> list[tuple[str, str]]:
     """Sections for ``eval_*`` folders written by ``momkd eval`` (metrics JSON + predictions)."""
     sections = []
@@ -739,6 +827,9 @@ def write_report(
             _metric_table("val", val_rows, METRIC_LABELS, mean_v, std_v),
         ]
         sections.append(("metrics", "Metrics per fold", "".join(tables)))
+    pooled_html = _pooled_section(summary)
+    if pooled_html:
+        sections.append(("pooled", "Pooled AUC, confidence intervals, patient level", pooled_html))
 
     # predictions: ROC/PR and calibration
     preds: dict[str, dict[str, np.ndarray]] = {}
@@ -826,6 +917,11 @@ def write_report(
     if _num(mean_t.get("auc")) is not None:
         s = _num(_split_mean(summary.get("std"), "test").get("auc"))
         headline = f" — test AUC {_fmt(mean_t['auc'])}" + ("" if s is None else f" ± {_fmt(s)}")
+        ci = summary.get("ci")
+        pooled = summary.get("pooled")
+        if isinstance(ci, Mapping) and isinstance(pooled, Mapping) and ci.get("auc"):
+            low, high = ci["auc"]
+            headline += f", pooled {_fmt(pooled.get('auc'))} (95% CI {_fmt(low)}–{_fmt(high)})"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

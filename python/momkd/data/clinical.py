@@ -1,4 +1,4 @@
-"""Clinical tables and expression matrices (SPEC §1.2).
+"""Clinical tables and expression matrices (docs/METHOD.md §1.2).
 
 * :func:`load_clinical` reads a CSV/TSV with one row per slide (patient id, slide id, label column)
   and maps label values explicitly: values listed in ``positive`` become 1, values listed in
@@ -208,6 +208,7 @@ def load_clinical(
     label_col: str = "label",
     positive: Sequence[Any] = (),
     negative: Sequence[Any] = (),
+    case_insensitive: bool = False,
 ) -> ClinicalTable:
     """Read a clinical table and map its labels.
 
@@ -219,6 +220,9 @@ def load_clinical(
         Column names of the patient id, slide id and label.
     positive, negative
         Label values of class 1 and class 0, compared as stripped strings (``1`` matches ``"1"``).
+    case_insensitive
+        Also ignore case (``positive`` matches ``Positive``). When false, values that differ from
+        a mapped value only in case are excluded and named in one warning with their counts.
 
     Returns
     -------
@@ -237,9 +241,12 @@ def load_clinical(
         raise ConfigError(
             f"{file}: label mapping for '{label_col}' needs positive and negative values"
         )
+    if case_insensitive:
+        pos, neg = {v.casefold() for v in pos}, {v.casefold() for v in neg}
     if pos & neg:
         raise ConfigError(
             f"{file}: label values in both positive and negative: {sorted(pos & neg)}"
+            + (" (ignoring case)" if case_insensitive else "")
         )
     header, rows = _read_rows(file)
     i_case = _column(file, header, case_col, "case column")
@@ -266,9 +273,10 @@ def load_clinical(
         seen[slide] = line
         if not case:
             raise DataError(f"{file}: line {line}: empty {case_col} for slide '{slide}'")
-        if value in pos:
+        key = value.casefold() if case_insensitive else value
+        if key in pos:
             label = 1
-        elif value in neg:
+        elif key in neg:
             label = 0
         else:
             excluded[value] += 1
@@ -288,6 +296,8 @@ def load_clinical(
             shown,
         )
         _warn_numeric_near_miss(file, label_col, excluded, pos | neg)
+        if not case_insensitive:
+            _warn_case_near_miss(file, label_col, excluded, pos | neg)
     if not slide_ids:
         raise DataError(
             f"{file}: no slide has a {label_col} value in positive {sorted(pos)} or negative "
@@ -297,6 +307,28 @@ def load_clinical(
     if arr.min() == arr.max():
         log.warning("%s: every labelled slide has %s class %d", file, label_col, int(arr[0]))
     return ClinicalTable(file, slide_ids, case_ids, arr, excluded, label_col, dropped)
+
+
+def _warn_case_near_miss(
+    file: Path, label_col: str, excluded: Counter[str], mapped: set[str]
+) -> None:
+    """Warn once, naming each value and its count, when excluded values differ from a mapped value
+    only in case (``positive`` vs ``Positive``)."""
+    folded: dict[str, str] = {}
+    for m in sorted(mapped):
+        folded.setdefault(m.casefold(), m)
+    near = [
+        (v, n, folded[v.casefold()]) for v, n in excluded.most_common() if v.casefold() in folded
+    ]
+    if near:
+        shown = ", ".join(f"'{v}' ({n} slides, like '{m}')" for v, n, m in near)
+        log.warning(
+            "%s: %s values differ from the label mapping only in case and were excluded: %s; "
+            "list them in data.positive/data.negative or set data.label_case_insensitive: true",
+            file,
+            label_col,
+            shown,
+        )
 
 
 def _warn_numeric_near_miss(

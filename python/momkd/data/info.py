@@ -16,7 +16,7 @@ from momkd.errors import MomkdError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["describe", "format_info"]
+__all__ = ["decoded_bytes", "describe", "format_info"]
 
 _ARRAYS = ("features", "coords", "offsets")
 
@@ -57,6 +57,13 @@ def _nbytes(meta: dict[str, Any] | None) -> int:
         return 0
 
 
+def decoded_bytes(path: str | os.PathLike[str]) -> int:
+    """Decoded size in bytes of a store's arrays as stored (features in the store dtype, coords,
+    offsets), from their Zarr metadata. ``momkd ingest`` and ``momkd info`` both report this."""
+    p = Path(path)
+    return sum(_nbytes(_array_meta(p, name)) for name in _ARRAYS)
+
+
 def describe(
     path: str | os.PathLike[str], check: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -77,7 +84,7 @@ def describe(
         ``path``, ``valid`` (bool), ``error`` (first validation error or None), ``complete``,
         ``slides``, ``patches``, ``bag_size`` (``min``/``median``/``max``, or None), ``feature_dim``,
         ``dtype``, ``chunk_rows``, ``arrays`` (shape, dtype, chunks, codecs per array),
-        ``bytes_on_disk``, ``bytes_decoded`` (as stored), ``compression_ratio``, ``header`` (the
+        ``bytes_on_disk``, ``bytes_decoded`` (as stored, :func:`decoded_bytes`), ``compression_ratio``, ``header`` (the
         header without ``slide_ids``), ``ingest`` (progress of an unfinished ingest or None),
         ``checked`` (bool) and ``slides_checked``.
 

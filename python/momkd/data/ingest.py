@@ -10,7 +10,14 @@ Sources
   with ``features`` (or ``feats``) and ``coords`` entries.
 
 A ``.h5`` with the same stem as a ``.pt`` in the same folder is that tensor's coordinate file, not a
-source of its own. A folder without feature files but with a ``h5_files/`` subfolder (a CLAM output
+source of its own.
+
+Files without coordinates are an error unless ``grid_coords=True`` (``momkd ingest --no-coords``):
+their rows are then laid on a square grid in row order (row ``i`` of ``P`` at
+``(i % W, i // W)`` with ``W = ceil(sqrt(P))``), one warning is logged, and the slide ids are
+recorded in the store header under ``grid_coords``. The k-NN patch graph of such slides joins
+patches that are neighbours in file order, not in the tissue, so graph methods (``momkd``) warn
+when they train on them. A folder without feature files but with a ``h5_files/`` subfolder (a CLAM output
 folder) ingests ``h5_files/``. The slide id is the file stem; slides are stored in sorted stem order.
 
 Files are read, validated and converted to the storage dtype on a thread pool; the store is written
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -35,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from momkd._io import dir_bytes
+from momkd.data.info import decoded_bytes
 from momkd.data.store import (
     FEATURE_DTYPES,
     StoreWriter,
@@ -47,7 +56,7 @@ from momkd.errors import DataError, IngestError, MomkdError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SourceFile", "discover_sources", "ingest", "read_source"]
+__all__ = ["SourceFile", "discover_sources", "grid_coords", "ingest", "read_source"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 PT_SUFFIXES = (".pt", ".pth")
@@ -215,7 +224,9 @@ def _tensor_to_numpy(obj: Any, what: str, path: Path) -> np.ndarray:
     return t.numpy()
 
 
-def _read_pt(src: SourceFile, key: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def _read_pt(
+    src: SourceFile, key: str, allow_missing_coords: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     import torch
 
     path = src.path
@@ -234,6 +245,8 @@ def _read_pt(src: SourceFile, key: str) -> tuple[np.ndarray, np.ndarray | None, 
         feats = _tensor_to_numpy(obj, "the content", path)
     if coords is None:
         if src.coords_path is None:
+            if allow_missing_coords:
+                return feats, None, attrs
             raise IngestError(
                 f"{path}: no coordinates (no 'coords' entry and no {path.stem}.h5 in ../h5_files/ "
                 "or the same folder)"
@@ -242,15 +255,38 @@ def _read_pt(src: SourceFile, key: str) -> tuple[np.ndarray, np.ndarray | None, 
     return feats, coords, attrs
 
 
+def grid_coords(n: int) -> np.ndarray:
+    """Stand-in coordinates for ``n`` patches without any: a square grid in row order.
+
+    Row ``i`` goes to ``(x, y) = (i % W, i // W)`` with ``W = ceil(sqrt(n))``.
+
+    Returns
+    -------
+    np.ndarray, int64, shape (n, 2)
+    """
+    width = max(1, math.isqrt(max(n - 1, 0)) + 1)
+    i = np.arange(n, dtype=np.int64)
+    return np.stack([i % width, i // width], axis=1)
+
+
 def read_source(
-    src: SourceFile, key: str = "features"
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    src: SourceFile, key: str = "features", allow_missing_coords: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Read one feature file.
+
+    Parameters
+    ----------
+    src : SourceFile
+    key : str
+        Features dataset name.
+    allow_missing_coords : bool
+        Return ``None`` as ``coords`` for a file without coordinates instead of raising.
 
     Returns
     -------
     features : np.ndarray, shape (P, D), as stored in the file
-    coords : np.ndarray, shape (P, 2)
+    coords : np.ndarray, shape (P, 2), or None
+        None only for a file without coordinates when ``allow_missing_coords``.
     attrs : dict
         JSON-able attributes of the coords dataset (TRIDENT/CLAM patching metadata).
 
@@ -262,7 +298,7 @@ def read_source(
     suffix = src.path.suffix.lower()
     try:
         if suffix in PT_SUFFIXES:
-            feats, coords, attrs = _read_pt(src, key)
+            feats, coords, attrs = _read_pt(src, key, allow_missing_coords)
         else:
             feats, coords, attrs = _read_h5(src.path, key)
     except MomkdError:
@@ -270,27 +306,40 @@ def read_source(
     except Exception as exc:  # noqa: BLE001 - h5py / torch raise many types for unreadable files
         raise IngestError(f"{src.path}: cannot read ({describe_error(exc)})") from None
     if coords is None:
-        raise IngestError(f"{src.path}: no 'coords' dataset")
+        if allow_missing_coords:
+            return _squeeze_leading(feats, 2), None, attrs
+        raise IngestError(
+            f"{src.path}: no 'coords' dataset (pass --no-coords to lay the rows on a grid)"
+        )
     return _squeeze_leading(feats, 2), _squeeze_leading(coords, 2), attrs
 
 
 def _load(
-    src: SourceFile, key: str, dtype: str
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], int]:
-    """Worker: read, validate and convert one file (runs on the thread pool)."""
+    src: SourceFile, key: str, dtype: str, allow_grid: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], int, bool]:
+    """Worker: read, validate and convert one file (runs on the thread pool).
+
+    The last item is true when the file had no coordinates and got :func:`grid_coords`.
+    """
     validate_slide_id(src.slide_id, str(src.path))
-    feats, coords, attrs = read_source(src, key)
+    feats, coords, attrs = read_source(src, key, allow_missing_coords=allow_grid)
+    gridded = coords is None
+    if coords is None:
+        shape = getattr(feats, "shape", ())
+        coords = grid_coords(int(shape[0]) if len(shape) == 2 else 0)
     feats16, coords32 = prepare_bag(feats, coords, dtype=dtype, name=str(src.path))
     size = src.path.stat().st_size
-    return feats16, coords32, attrs, size
+    return feats16, coords32, attrs, size, gridded
 
 
 # -------------------------------------------------------------------------------------------- ingest
 
 
-def _fingerprint(sources: list[SourceFile], key: str, dtype: str) -> str:
+def _fingerprint(sources: list[SourceFile], key: str, dtype: str, grid: bool = False) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"key": key, "dtype": dtype}).encode())
+    if grid:
+        h.update(b"grid-coords")
     for s in sources:
         h.update(json.dumps([s.slide_id, s.path.name, s.path.stat().st_size]).encode())
     return h.hexdigest()
@@ -324,10 +373,11 @@ def _ordered_results(
     key: str,
     dtype: str,
     window: int,
+    allow_grid: bool = False,
 ) -> Iterable[tuple[SourceFile, Future[Any]]]:
     pending: deque[tuple[SourceFile, Future[Any]]] = deque()
     for src in todo:
-        pending.append((src, pool.submit(_load, src, key, dtype)))
+        pending.append((src, pool.submit(_load, src, key, dtype, allow_grid)))
         if len(pending) >= window:
             yield pending.popleft()
     while pending:
@@ -347,6 +397,7 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     attrs: Mapping[str, Any] | None = None,
+    grid_coords_ok: bool = False,
 ) -> dict[str, Any]:
     """Ingest a folder of ``.h5`` / ``.pt`` feature files into a cohort store.
 
@@ -375,6 +426,10 @@ def ingest(
         Show a tqdm progress bar.
     attrs : mapping, optional
         Extra header keys (``encoder``, ``magnification``, ``patch_size``, ...).
+    grid_coords_ok : bool
+        Accept files without coordinates and lay their rows on a grid (``--no-coords``; see the
+        module docstring). One warning is logged; the slides are listed in the header's
+        ``grid_coords``.
 
     Returns
     -------
@@ -382,8 +437,10 @@ def ingest(
         ``slides_written`` (this run), ``slides_resumed`` (already in the store), ``slides_skipped``
         (bad files this run) and ``skipped`` (file and reason), ``slides_total``, ``patches``
         (store total), ``patches_written`` (this run), ``feature_dim``, ``dtype``, ``chunk_rows``,
-        ``bytes_on_disk``, ``bytes_decoded`` (float32), ``seconds``, ``mb_per_s`` (source bytes
-        read this run per second), ``out``, ``source``.
+        ``slides_grid_coords`` (slides of the store whose coordinates are a stand-in grid),
+        ``bytes_on_disk``, ``bytes_decoded`` (the decoded size of the stored arrays, as
+        :func:`momkd.data.info.describe` reports it), ``seconds``, ``mb_per_s`` (source bytes read
+        this run per second), ``out``, ``source``.
 
     Raises
     ------
@@ -415,7 +472,7 @@ def ingest(
         skipped.append({"file": str(path), "error": why})
     if not sources:
         raise IngestError(f"source {src_path}: no .h5 or .pt feature files")
-    fingerprint = _fingerprint(sources, key, dtype)
+    fingerprint = _fingerprint(sources, key, dtype, grid_coords_ok)
     meta = {
         "fingerprint": fingerprint,
         "source": str(src_path.resolve()),
@@ -446,11 +503,16 @@ def ingest(
     )
     written = patches_written = bytes_read = 0
     first_attrs: dict[str, Any] | None = None
+    gridded: list[str] = []
+    if writer is not None:  # resuming: keep the committed slides laid on a grid earlier
+        gridded = [s for s in writer.attrs.get("grid_coords") or [] if s in writer]
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="momkd-ingest")
     try:
-        for source, fut in _ordered_results(pool, todo, key, dtype, window=2 * threads):
+        for source, fut in _ordered_results(
+            pool, todo, key, dtype, window=2 * threads, allow_grid=grid_coords_ok
+        ):
             try:
-                feats, coords, file_attrs, size = fut.result()
+                feats, coords, file_attrs, size, on_grid = fut.result()
                 if writer is not None and feats.shape[1] != writer.feature_dim:
                     raise DataError(
                         f"{source.path}: feature dim {feats.shape[1]} does not match the store's "
@@ -481,6 +543,16 @@ def ingest(
                     ingest_meta={**meta, "skipped": skipped_before + skipped},
                     commit_interval=COMMIT_INTERVAL_S,
                 )
+            if on_grid:
+                if not gridded:
+                    logger.warning(
+                        "%s: no patch coordinates; laying the rows on a grid (--no-coords). The "
+                        "k-NN patch graph of such slides is arbitrary (further files without "
+                        "coordinates are only counted)",
+                        source.path,
+                    )
+                gridded.append(source.slide_id)
+                writer.update_attrs({"grid_coords": list(gridded)})
             writer.append_prepared(source.slide_id, feats, coords)
             written += 1
             patches_written += feats.shape[0]
@@ -516,7 +588,10 @@ def ingest(
     )
     if first_attrs:
         provenance.setdefault("source_attrs", first_attrs)
-    writer.update_attrs({"provenance": provenance})
+    extra: dict[str, Any] = {"provenance": provenance}
+    if gridded:
+        extra["grid_coords"] = gridded
+    writer.update_attrs(extra)
     writer.close()
 
     seconds = time.perf_counter() - t0
@@ -535,8 +610,9 @@ def ingest(
         "feature_dim": writer.feature_dim,
         "dtype": writer.dtype,
         "chunk_rows": writer.chunk_rows,
+        "slides_grid_coords": len(gridded),
         "bytes_on_disk": dir_bytes(out_path),
-        "bytes_decoded": n_patches * writer.feature_dim * 4,
+        "bytes_decoded": decoded_bytes(out_path),
         "seconds": round(seconds, 3),
         "mb_per_s": round(bytes_read / 1e6 / seconds, 2) if seconds > 0 else None,
     }
@@ -576,14 +652,16 @@ def _open_existing(
     except StoreError as exc:
         raise IngestError(f"output {out}: exists and is not a cohort store ({exc})") from None
     if header.get("complete") is True:
-        raise IngestError(f"output {out}: already exists (a complete store); pass overwrite=True")
+        raise IngestError(
+            f"output {out}: already exists (a complete store); pass --overwrite to replace it"
+        )
     state = header.get("ingest") if isinstance(header.get("ingest"), dict) else {}
     old = (state.get("meta") or {}) if isinstance(state, dict) else {}
     if old.get("fingerprint") != meta["fingerprint"]:
         raise IngestError(
             f"output {out}: an interrupted ingest from other source files or settings "
             f"(source {old.get('source')!r}, key {old.get('key')!r}, dtype {state.get('dtype')!r}); "
-            "rerun with the same arguments or pass overwrite=True"
+            "rerun with the same arguments or pass --overwrite"
         )
     if state.get("dtype") != dtype:
         raise IngestError(f"output {out}: the interrupted ingest used dtype {state.get('dtype')!r}")
@@ -600,7 +678,7 @@ def _open_existing(
     try:
         return StoreWriter.resume(out, commit_interval=COMMIT_INTERVAL_S)
     except StoreError as exc:
-        raise IngestError(f"output {out}: cannot resume ({exc}); pass overwrite=True") from None
+        raise IngestError(f"output {out}: cannot resume ({exc}); pass --overwrite") from None
 
 
 def _only_store_remains(path: Path) -> bool:
@@ -619,7 +697,7 @@ def _remaining(
         if i is None or i <= last:
             raise IngestError(
                 f"output {out}: committed slide {sid!r} is not in the source list in order; "
-                "pass overwrite=True to start again"
+                "pass --overwrite to start again"
             )
         last = i
     return sources[last + 1 :], (last + 1) - len(writer.slide_ids)

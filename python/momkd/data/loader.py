@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from momkd import _core
-from momkd.data.store import CohortStore
+from momkd.data.store import CohortStore, check_count
 from momkd.errors import ConfigError, SlideNotFoundError
 
 if TYPE_CHECKING:
@@ -75,9 +75,7 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"BagLoader: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_count(name, value, minimum, "BagLoader")
 
 
 class BagLoader:
@@ -178,15 +176,15 @@ class BagLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the next passes (turns off the automatic advance)."""
-        self._epoch = int(epoch)
+        """Use ``epoch`` (an integer >= 0) for the next passes (turns off the automatic advance)."""
+        self._epoch = check_count("epoch", epoch, 0, "BagLoader.set_epoch")
         self._manual_epoch = True
 
     # ------------------------------------------------------------------------------------- order
 
     def order(self, epoch: int | None = None) -> list[int]:
         """Positions into :attr:`slide_ids` visited by this rank in ``epoch`` (default current)."""
-        ep = self._epoch if epoch is None else int(epoch)
+        ep = self._epoch if epoch is None else check_count("epoch", epoch, 0, "BagLoader.order")
         perm = epoch_order(len(self.slide_ids), shuffle=self.shuffle, seed=self.seed, epoch=ep)
         shard = perm[self.rank :: self.world_size]
         if self.drop_uneven:

@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +40,7 @@ from typing import Any, Self
 import numpy as np
 
 from momkd import _core
-from momkd.errors import DataError, SlideNotFoundError, StoreError
+from momkd.errors import ConfigError, DataError, SlideNotFoundError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ __all__ = [
     "CohortStore",
     "SlideArrays",
     "StoreWriter",
+    "check_count",
     "default_chunk_rows",
     "prepare_bag",
     "read_header",
@@ -65,6 +66,35 @@ _TARGET_CHUNK_BYTES = 3 * 2**19  # 1.5 MiB decoded per feature chunk
 _MIN_CHUNK_ROWS = 64
 _MAX_CHUNK_ROWS = 1024  # small bags (hundreds of patches) should not decode much more than they use
 _ARRAYS = ("features", "coords", "offsets")
+
+
+#: Exclusive upper bound of counts, seeds and epochs handed to the Rust core (a signed 64-bit int).
+COUNT_LIMIT = 2**63
+
+
+def check_count(name: str, value: Any, minimum: int, where: str = "") -> int:
+    """Check an integer option (``max_patches``, an epoch, ...) and return it as ``int``.
+
+    The message is the same wherever the option is given: ``{name} must be an integer, at least
+    {minimum} and below 2**63, got {value}``.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is not an integer (``bool`` is not one) or lies outside ``[minimum, 2**63)``.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not minimum <= value < COUNT_LIMIT
+    ):
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{prefix}{name} must be an integer, at least {minimum} and below 2**63, got {value!r}"
+        )
+    return int(value)
+
+
 _REQUIRED_KEYS = ("format", "format_version", "complete", "feature_dim", "n_slides", "n_patches")
 _INT32 = np.iinfo(np.int32)
 
@@ -1056,6 +1086,40 @@ class CohortStore:
         return cls(_core.Store.open(str(p)))
 
     @property
+    def grid_coords(self) -> list[str]:
+        """Slides whose coordinates are a stand-in grid (ingested with ``--no-coords``)."""
+        ids = self.header.get("grid_coords")
+        return [str(s) for s in ids] if isinstance(ids, list) else []
+
+    def warn_grid_coords(self, slide_ids: Iterable[str], user: str) -> int:
+        """Log one warning if any of ``slide_ids`` has stand-in grid coordinates.
+
+        Parameters
+        ----------
+        slide_ids
+            The slides about to be used.
+        user
+            Who relies on the patch graph, for the message (e.g. ``"method momkd"``).
+
+        Returns
+        -------
+        int
+            How many of ``slide_ids`` have grid coordinates.
+        """
+        grid = set(self.grid_coords)
+        hits = [s for s in slide_ids if s in grid] if grid else []
+        if hits:
+            logger.warning(
+                "store %s: %d slides (e.g. %r) have no patch coordinates (ingested with "
+                "--no-coords, laid on a grid); the k-NN patch graph used by %s is arbitrary for them",
+                self.path,
+                len(hits),
+                hits[0],
+                user,
+            )
+        return len(hits)
+
+    @property
     def core(self) -> Any:
         """The underlying ``momkd._core.Store``."""
         return self._core
@@ -1125,10 +1189,14 @@ class CohortStore:
         ------
         SlideNotFoundError
             Unknown id.
+        ConfigError
+            ``max_patches`` is not an integer in ``[1, 2**63)``.
         StoreError
             A missing, truncated or corrupt chunk, or non-finite features (names store, slide, chunk).
         """
         idx = self.index_of(slide_id)
+        if max_patches is not None:
+            max_patches = check_count("max_patches", max_patches, 1, f"store {self.path}")
         feats, coords = self._core.read(idx, max_patches, seed, epoch)
         return SlideArrays(slide_id=slide_id, index=idx, features=feats, coords=coords)
 

@@ -1,4 +1,4 @@
-"""Interpretability of a trained MoMKD run (SPEC §8; ``momkd explain``).
+"""Interpretability of a trained MoMKD run (docs/METHOD.md §8; ``momkd explain``).
 
 * :func:`explain_run` — streams a cohort store through one fold's best model and writes the top-k
   patches per memory component, per-slide attention and memory-assignment maps, cohort memory

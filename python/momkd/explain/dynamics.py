@@ -1,4 +1,4 @@
-"""Memory usage statistics and their per-epoch dynamics (SPEC §8, the paper's Figure 3).
+"""Memory usage statistics and their per-epoch dynamics (docs/METHOD.md §8, the paper's Figure 3).
 
 For one class memory with K components and a set of patches, ``u_k`` is the share of patches whose
 argmax-cosine component is ``k``; the active ratio is the share of components with ``u_k > 0``; the

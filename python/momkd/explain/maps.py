@@ -1,4 +1,4 @@
-"""Per-slide attention and memory-assignment maps drawn on the patch coordinates (SPEC §8).
+"""Per-slide attention and memory-assignment maps drawn on the patch coordinates (docs/METHOD.md §8).
 
 Patches are rasterised onto an image grid built from ``(coords - min) // patch_size``, one pixel
 per patch, so drawing costs O(P) time and O(grid) memory even for slides with 100 000+ patches. A

@@ -1,4 +1,4 @@
-"""Top-k patches per memory component across a cohort (SPEC §8, the paper's Figure 4).
+"""Top-k patches per memory component across a cohort (docs/METHOD.md §8, the paper's Figure 4).
 
 :class:`TopKTracker` keeps, for each of the 2K components (C+ then C-), the k patches of the cohort
 with the highest cosine similarity ``<p_i, c_hat>`` seen so far. Each bag contributes only its own

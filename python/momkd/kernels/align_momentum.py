@@ -1,4 +1,4 @@
-"""Fused alignment loss and momentum-memory update (SPEC §2.4, §2.5, §7).
+"""Fused alignment loss and momentum-memory update (docs/METHOD.md §2.4, §2.5, §7).
 
 Alignment loss, per embedding z_b with label y_b (s = +1 for y = 1, -1 for y = 0)::
 
@@ -16,7 +16,7 @@ component (argmax cosine, ties -> lowest index) of its own class memory and, for
 that received embeddings, ``c_k <- normalize(m * c_hat_k + (1 - m) * mean of assigned)``.
 
 * ``momentum_stats`` / ``momentum_apply``: the two halves with the statistics ``(sums, counts)``
-  materialised in between, so data-parallel ranks can all-reduce them (SPEC §7);
+  materialised in between, so data-parallel ranks can all-reduce them (docs/METHOD.md §7);
 * ``momentum_step``: everything of :meth:`momkd.memory.ClassMemory.momentum_update` without a
   reduction — assignment, statistics, EMA, dead-component ageing, the ring buffer of recent class
   embeddings and re-seeding — in one launch, one program per class memory, in place.

@@ -1,4 +1,4 @@
-"""Fused memory-guided attention pooling over a batch of bags (SPEC §2.3, §2.4 commitment).
+"""Fused memory-guided attention pooling over a batch of bags (docs/METHOD.md §2.3, §2.4 commitment).
 
 For every patch ``i`` of bag ``b`` (rows ``offsets[b]:offsets[b+1]``)::
 

@@ -1,4 +1,4 @@
-"""Eager PyTorch references of the memory operations (SPEC §2.3-2.5).
+"""Eager PyTorch references of the memory operations (docs/METHOD.md §2.3-2.5).
 
 Every function here is the test oracle for the fused Triton kernel of the same name and the runtime
 fallback when no kernel applies (CPU tensors, no Triton, ``MOMKD_FORCE_EAGER=1``). The code favours
@@ -92,7 +92,7 @@ def memory_attention_pool_reference(
     tau_min: float = 0.01,
     tau_max: float = 2.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Memory-guided attention pooling over B bags (SPEC §2.3).
+    """Memory-guided attention pooling over B bags (docs/METHOD.md §2.3).
 
     ``score_i = max_k <p_i, sg(c+_k)> - max_k <p_i, sg(c-_k)>`` (hard max, memories detached),
     ``a = softmax(score / tau)`` within each bag with ``tau = clamp(exp(log_tau), tau_min, tau_max)``,
@@ -162,7 +162,7 @@ def align_loss_reference(
     scale: float = 20.0,
     temp: float = 5.0,
 ) -> Tensor:
-    """Per-sample alignment loss ``softplus(scale * (margin - s * Delta(z)))`` (SPEC §2.4).
+    """Per-sample alignment loss ``softplus(scale * (margin - s * Delta(z)))`` (docs/METHOD.md §2.4).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Batch-local knowledge distillation: the ``method: batchkd`` baseline (SPEC §2.7).
+"""Batch-local knowledge distillation: the ``method: batchkd`` baseline (docs/METHOD.md §2.7).
 
 The kind of genomics-to-histology distillation MoMKD argues against: the teacher's knowledge reaches
 the student only through comparisons *within the current mini-batch* of B bags, so what the student

@@ -1,4 +1,4 @@
-"""Histology branch of MoMKD (SPEC §2.2): graph encoder, sphere projectors and classifier."""
+"""Histology branch of MoMKD (docs/METHOD.md §2.2): graph encoder, sphere projectors and classifier."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from torch_geometric.nn import GATv2Conv
 
-__all__ = ["GraphEncoder", "SphereProjector", "make_classifier"]
+__all__ = ["INPUT_RESIDUALS", "GraphEncoder", "SphereProjector", "make_classifier"]
+
+#: Choices of the first residual branch: ``auto`` (the released rule: identity when D_in = H, else a
+#: Linear) or ``linear`` (always a Linear, as momkd built it before following that rule).
+INPUT_RESIDUALS = ("auto", "linear")
 
 
 class GraphEncoder(nn.Module):
@@ -23,6 +27,10 @@ class GraphEncoder(nn.Module):
     ``h1 = Dropout(ELU(LN1(GAT1(x)))) + res_proj1(x)``, ``h2 = Dropout(ELU(LN2(GAT2(h1)))) + h1``,
     ``F = max(h1, h2)`` elementwise. Each GATv2 layer has 2 heads of width H/2, concatenated, with
     attention dropout and self-loops added inside the layer (PyG ``GATv2Conv`` semantics).
+
+    ``res_proj1`` is ``Linear(D_in, H)``, except that with ``input_residual="auto"`` and
+    ``D_in == H`` it is the identity (no parameters), as in the authors' released encoder
+    (docs/METHOD.md §2.2).
 
     Parameters
     ----------
@@ -36,6 +44,9 @@ class GraphEncoder(nn.Module):
         Dropout on the GATv2 attention coefficients.
     heads : int
         Attention heads per layer.
+    input_residual : {"auto", "linear"}
+        ``auto``: identity residual when ``d_in == hidden``, else a Linear; ``linear``: always a
+        Linear.
     """
 
     def __init__(
@@ -45,14 +56,23 @@ class GraphEncoder(nn.Module):
         dropout: float = 0.5,
         attn_dropout: float = 0.5,
         heads: int = 2,
+        input_residual: str = "auto",
     ) -> None:
         super().__init__()
+        if input_residual not in INPUT_RESIDUALS:
+            raise ValueError(
+                f"input_residual must be one of {INPUT_RESIDUALS}, got {input_residual!r}"
+            )
         width = hidden // heads
         self.gat1 = GATv2Conv(
             d_in, width, heads=heads, concat=True, dropout=attn_dropout, add_self_loops=True
         )
         self.ln1 = nn.LayerNorm(hidden)
-        self.res_proj1 = nn.Linear(d_in, hidden)
+        self.res_proj1: nn.Module = (
+            nn.Identity()
+            if input_residual == "auto" and d_in == hidden
+            else nn.Linear(d_in, hidden)
+        )
         self.gat2 = GATv2Conv(
             hidden, width, heads=heads, concat=True, dropout=attn_dropout, add_self_loops=True
         )

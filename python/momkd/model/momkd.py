@@ -1,4 +1,4 @@
-"""The MoMKD model (SPEC §2): histology branch, omics branch, class memory and losses.
+"""The MoMKD model (docs/METHOD.md §2): histology branch, omics branch, class memory and losses.
 
 Data flow for B bags of N patches in total::
 
@@ -26,7 +26,12 @@ from momkd import kernels
 from momkd.errors import ConfigError, DataError
 from momkd.losses import orthogonality_loss
 from momkd.memory import MEMORY_MODES, ClassMemory, ReduceFn, spherical_kmeans
-from momkd.model.histology import GraphEncoder, SphereProjector, make_classifier
+from momkd.model.histology import (
+    INPUT_RESIDUALS,
+    GraphEncoder,
+    SphereProjector,
+    make_classifier,
+)
 from momkd.model.omics import OmicsDecoder, OmicsEncoder
 
 __all__ = ["LossWeights", "MoMKD", "MoMKDOutput", "ModelConfig"]
@@ -52,7 +57,8 @@ class ModelConfig:
 
     ``omics_hidden`` is the intermediate width of the omics encoder and decoder (512 in the method).
     ``momentum_sources`` selects the teacher embeddings of the momentum update: ``omics`` (z_o)
-    and/or ``wsi`` (z_w).
+    and/or ``wsi`` (z_w). ``input_residual`` is the encoder's first residual: ``auto`` (identity
+    when ``d_in == hidden``, else a Linear, as released) or ``linear`` (always a Linear).
     """
 
     d_in: int = 1536
@@ -74,6 +80,7 @@ class ModelConfig:
     dead_after: int = 100
     momentum_sources: tuple[str, ...] = ("omics",)
     omics_hidden: int = 512
+    input_residual: str = "auto"
 
     def __post_init__(self) -> None:
         self.momentum_sources = tuple(self.momentum_sources)
@@ -112,6 +119,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"memory.momentum must lie in [0, 1), got {self.momentum}")
+        if self.input_residual not in INPUT_RESIDUALS:
+            raise ConfigError(
+                f"model.input_residual must be one of {list(INPUT_RESIDUALS)}, got "
+                f"{self.input_residual!r}"
+            )
         bad = [s for s in self.momentum_sources if s not in MOMENTUM_SOURCES]
         if bad or not self.momentum_sources:
             raise ConfigError(
@@ -133,7 +145,7 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
-    """Loss weights and alignment constants (SPEC §2.4).
+    """Loss weights and alignment constants (docs/METHOD.md §2.4).
 
     ``L = ce*L_ce + mem*(L_commit + orth*L_orth) + align_omics*L_align^omics
     + align_wsi*L_align^wsi + mse*L_mse``.
@@ -222,7 +234,13 @@ class MoMKD(nn.Module):
         super().__init__()
         cfg = cfg if cfg is not None else ModelConfig()
         self.cfg = cfg
-        self.histology_encoder = GraphEncoder(cfg.d_in, cfg.hidden, cfg.dropout, cfg.attn_dropout)
+        self.histology_encoder = GraphEncoder(
+            cfg.d_in,
+            cfg.hidden,
+            cfg.dropout,
+            cfg.attn_dropout,
+            input_residual=cfg.input_residual,
+        )
         self.patch_projector = SphereProjector(cfg.hidden, cfg.sphere)
         self.pool_projector = SphereProjector(cfg.hidden, cfg.sphere)
         self.classifier = make_classifier(
@@ -389,7 +407,7 @@ class MoMKD(nn.Module):
         expression: Tensor | None = None,
         w: LossWeights | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total training loss and its terms (SPEC §2.4).
+        """Total training loss and its terms (docs/METHOD.md §2.4).
 
         For B bags, ce and the alignment terms are averaged over bags; the commitment and
         orthogonality terms are computed per bag with the bag's own class memory and averaged.
@@ -462,7 +480,7 @@ class MoMKD(nn.Module):
     def init_memory(
         self, pos_embeddings: Tensor, neg_embeddings: Tensor, *, iters: int = 20, seed: int = 0
     ) -> None:
-        """Initialise C+ and C- by spherical k-means (SPEC §2.5).
+        """Initialise C+ and C- by spherical k-means (docs/METHOD.md §2.5).
 
         Parameters
         ----------

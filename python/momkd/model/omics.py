@@ -1,4 +1,4 @@
-"""Omics branch of MoMKD (SPEC §2.1): expression encoder, decoder and sphere normaliser.
+"""Omics branch of MoMKD (docs/METHOD.md §2.1): expression encoder, decoder and sphere normaliser.
 
 Used during training only; inference never touches it.
 """

@@ -139,6 +139,8 @@ def _progress(progress: bool | None) -> bool:
         return progress
     import sys
 
+    if os.environ.get("MOMKD_PROGRESS", "").strip() in ("0", "false", "no"):
+        return False
     return sys.stderr.isatty()
 
 
@@ -273,6 +275,7 @@ def evaluate_run(
         column,
         data.get("positive", []),
         data.get("negative", []),
+        case_insensitive=bool(data.get("label_case_insensitive", False)),
     )
     cohort = CohortStore.open(store)
     missing = [s for s in table.slide_ids if s not in cohort]
@@ -356,17 +359,30 @@ def format_eval(result: Mapping[str, Any]) -> str:
         lines.append(
             "excluded labels: " + ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items())
         )
-    cols = ("auc", "auprc", "balanced_accuracy", "f1", "thr_balanced_accuracy", "thr_f1")
-    lines.append(f"{'model':>10} " + " ".join(f"{c[:9]:>9}" for c in cols))
+    cols = (
+        "auc",
+        "auprc",
+        "accuracy",
+        "balanced_accuracy",
+        "f1",
+        "thr_accuracy",
+        "thr_balanced_accuracy",
+        "thr_f1",
+    )
+    widths = [max(5, len(c)) for c in cols]  # full column names, never cut
+
+    def row(label: str, values: Mapping[str, Any]) -> str:
+        cells = (f"{_f(values.get(c)):>{w}}" for c, w in zip(cols, widths, strict=True))
+        return f"{label:>10} " + " ".join(cells)
+
+    lines.append(
+        f"{'model':>10} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
+    )
     for m in result.get("folds", []):
-        lines.append(
-            f"{'fold ' + str(m.get('fold')):>10} " + " ".join(f"{_f(m.get(c)):>9}" for c in cols)
-        )
-    mean, std = result.get("mean") or {}, result.get("std") or {}
-    lines.append(f"{'mean':>10} " + " ".join(f"{_f(mean.get(c)):>9}" for c in cols))
-    lines.append(f"{'std':>10} " + " ".join(f"{_f(std.get(c)):>9}" for c in cols))
-    ens = result.get("ensemble") or {}
-    lines.append(f"{'ensemble':>10} " + " ".join(f"{_f(ens.get(c)):>9}" for c in cols))
+        lines.append(row(f"fold {m.get('fold')}", m))
+    lines.append(row("mean", result.get("mean") or {}))
+    lines.append(row("std", result.get("std") or {}))
+    lines.append(row("ensemble", result.get("ensemble") or {}))
     if result.get("out"):
         lines.append(f"predictions and metrics written to {result['out']}")
     return "\n".join(lines)

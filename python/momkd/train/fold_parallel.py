@@ -30,11 +30,12 @@ __all__ = ["run_fold_parallel"]
 log = logging.getLogger(__name__)
 
 
-def _device_env(slot: int, n: int) -> dict[str, str]:
-    """Environment of the ``slot``-th of ``n`` concurrent fold processes."""
+def _device_env(slot: int, n: int) -> tuple[dict[str, str], list[str]]:
+    """Environment and extra arguments of the ``slot``-th of ``n`` concurrent fold processes."""
     import torch
 
     env = dict(os.environ)
+    args: list[str] = []
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each fold process is a single-process run
     if torch.cuda.is_available():
@@ -46,9 +47,12 @@ def _device_env(slot: int, n: int) -> dict[str, str]:
         )
         env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
     else:
-        threads = str(max(1, (os.cpu_count() or 1) // n))
+        from momkd._threads import available_cores
+
+        threads = str(max(1, available_cores() // n))
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
-    return env
+        args = ["--set", f"train.torch_threads={threads}"]
+    return env, args
 
 
 def run_fold_parallel(
@@ -97,15 +101,14 @@ def run_fold_parallel(
         while pending or running:
             while pending and free:
                 fold, slot = pending.pop(0), free.pop(0)
+                env, device_args = _device_env(slot, n)
                 cmd = [
                     sys.executable, "-m", "momkd", "train",
                     "--config", str(run_dir / "config.yaml"), "--out", str(run_dir), "--resume",
-                    "--set", f"train.folds=[{fold}]", *extra_args,
+                    "--set", f"train.folds=[{fold}]", *device_args, *extra_args,
                 ]  # fmt: skip
                 fh = open(run_dir / f"fold_{fold}.log", "wb")
-                proc = subprocess.Popen(
-                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=_device_env(slot, n)
-                )
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
                 running.append((fold, slot, proc, fh))
             time.sleep(0.2)
             for item in list(running):

@@ -1,4 +1,4 @@
-"""Leak-free expression preprocessing, fitted on one fold's training patients (SPEC §2.6).
+"""Leak-free expression preprocessing, fitted on one fold's training patients (docs/METHOD.md §2.6).
 
 :class:`GenomicsPreprocessor` applies, in order:
 

@@ -188,6 +188,7 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "momentum": cfg.memory.momentum,
             "dead_after": cfg.memory.dead_after,
             "momentum_sources": list(cfg.memory.momentum_sources),
+            "input_residual": m.input_residual,
         }
     elif method == "abmil":
         params = {
@@ -230,6 +231,8 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         from momkd.model.momkd import ModelConfig, MoMKD
 
         params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
+        # Checkpoints written before the released residual rule always used a Linear.
+        params.setdefault("input_residual", "linear")
         model = MoMKD(ModelConfig(**params))
     elif method == "abmil":
         from momkd.model.abmil import ABMIL, ABMILConfig
@@ -426,7 +429,7 @@ class InferenceResult:
     loss : float | None
         Mean cross-entropy when labels were given.
     usage : dict | None
-        MoMKD memory usage (SPEC §8) per class memory when requested.
+        MoMKD memory usage (docs/METHOD.md §8) per class memory when requested.
     seconds : float
     """
 

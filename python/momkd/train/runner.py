@@ -16,8 +16,16 @@ Run directory::
 
 ``summary.json`` keys: ``method``, ``label_column``, ``folds`` (per-fold dicts with ``val``,
 ``test`` and, with an external cohort, ``external`` metric dicts), ``mean`` and ``std`` (test
-metrics over folds, ddof 1), ``val_mean``, ``external`` (``folds``, ``mean``, ``std``,
-``ensemble``), ``data`` (slides, patients, class counts, excluded label values) and ``timing``.
+metrics over folds, ddof 1), ``val_mean``, ``pooled`` (metrics of all folds' test predictions
+pooled), ``ci`` (``auc: [low, high]`` of the pooled test AUC, ``level``, ``resamples``, ``seed``),
+``external`` (``folds``, ``mean``, ``std``, ``ensemble`` and its ``ci``), ``patient`` (the same at
+patient level: slide probabilities averaged per patient; ``folds``, ``mean``, ``std``, ``pooled``,
+``ci``, ``external``), ``data`` (slides, patients, class counts, excluded label values) and
+``timing``.
+
+Confidence intervals are stratified percentile bootstraps (:func:`momkd.metrics.bootstrap_auc_ci`,
+``train.ci_resamples`` resamples, seeded with ``train.seed``; 0 turns them off). The pooled AUC ranks
+predictions of different fold models against each other; the per-fold mean ± std does not.
 """
 
 from __future__ import annotations
@@ -42,11 +50,31 @@ from momkd.data.clinical import (
     require_cases,
 )
 from momkd.errors import ConfigError, DataError
-from momkd.metrics import aggregate, evaluate_with_threshold
+from momkd.metrics import (
+    aggregate,
+    binary_metrics,
+    bootstrap_auc_ci,
+    evaluate_with_threshold,
+    patient_level,
+)
 from momkd.train.genomics import preprocessor_from_config
-from momkd.train.splits import Split, make_splits, read_splits, resolve_splits, write_splits
+from momkd.train.splits import (
+    Split,
+    make_splits,
+    read_splits,
+    resolve_splits,
+    subsample_train,
+    write_splits,
+)
 
-__all__ = ["finished_folds", "format_summary", "summarize", "train"]
+__all__ = [
+    "config_differences",
+    "finished_folds",
+    "format_summary",
+    "read_prediction_table",
+    "summarize",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +88,7 @@ _RUNTIME_KEYS = {
     "train.kernels",
     "train.num_threads",
     "train.prefetch",
+    "train.torch_threads",
 }
 
 _PREVIEW = 5
@@ -84,6 +113,23 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- run folder
 
 
+def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configurations, run-time keys excepted.
+
+    Parameters
+    ----------
+    old, new
+        Two resolved configurations (e.g. a run's saved ``config.yaml`` and the current one).
+
+    Returns
+    -------
+    list[str]
+        Sorted dotted keys; empty when a run made with ``old`` may be resumed with ``new``.
+    """
+    a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    return sorted(k for k in set(a) | set(b) if k not in _RUNTIME_KEYS and a.get(k) != b.get(k))
+
+
 def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
     if out_dir is not None:
         run_dir = Path(out_dir)
@@ -99,9 +145,7 @@ def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, res
     elif resume:
         if not saved.is_file():
             raise ConfigError(f"{run_dir}: not a momkd run directory (no config.yaml) to resume")
-        old = load_config(saved)
-        a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(cfg))
-        diff = sorted(k for k in set(a) | set(b) if k not in _RUNTIME_KEYS and a.get(k) != b.get(k))
+        diff = config_differences(load_config(saved), cfg)
         if diff:
             raise ConfigError(
                 f"{saved}: the configuration differs from the run being resumed in "
@@ -137,9 +181,17 @@ def _load_inputs(
     assert d.store is not None and d.clinical is not None
     store = CohortStore.open(d.store)
     table = load_clinical(
-        d.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+        d.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
     )
     _check_in_store(table, store, d.store)
+    if cfg.model.method == "momkd":  # the only method whose encoder reads the patch graph
+        store.warn_grid_coords(table.slide_ids, "method momkd")
     expression = None
     skipped: list[str] = []
     n_before = len(table)
@@ -194,7 +246,13 @@ def _load_external(
         ids = list(store.slide_ids)
         return store, ids, None, {}, {"store": str(ext.store), "slides": len(ids)}
     table = load_clinical(
-        ext.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+        ext.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
     )
     _check_in_store(table, store, ext.store)
     report = {
@@ -542,6 +600,23 @@ def _run_folds(
             log.info("fold %d: already finished, skipped", fold)
             continue
         split = splits[fold]
+        if cfg.splits.train_fraction < 1.0:
+            full = len(split.train)
+            split = subsample_train(
+                split,
+                case_of,
+                label_of,
+                cfg.splits.train_fraction,
+                seed=cfg.splits.seed,
+                fold=fold,
+            )
+            log.info(
+                "fold %d: training on %d of %d slides (splits.train_fraction %g)",
+                fold,
+                len(split.train),
+                full,
+                cfg.splits.train_fraction,
+            )
         expr_map, genomics_state = None, None
         if uses_expression(cfg.model.method):
             assert expression is not None
@@ -640,6 +715,102 @@ def _nan_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (math.nan if v is None else v) for k, v in d.items()}
 
 
+def read_prediction_table(
+    path: str | os.PathLike[str], column: str = "prob"
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Slide ids, patient ids, labels and probabilities of a labelled prediction CSV.
+
+    Parameters
+    ----------
+    path
+        A ``test_predictions.csv``/``external_predictions.csv`` written by a run (columns
+        ``slide_id``, ``case_id``, ``label`` and ``column``).
+    column
+        The probability column.
+
+    Returns
+    -------
+    tuple
+        ``slide_ids``, ``case_ids``, ``labels`` ``(n,)`` int64, ``probs`` ``(n,)`` float64.
+
+    Raises
+    ------
+    DataError
+        A missing column, an empty or non-numeric label or probability (naming the file).
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            rows = list(reader)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read predictions: {exc}") from None
+    missing = [c for c in ("slide_id", "label", column) if c not in fields]
+    if missing:
+        raise DataError(f"{path}: missing column {', '.join(missing)}")
+    try:
+        labels = np.array([int(float(r["label"])) for r in rows], dtype=np.int64)
+        probs = np.array([float(r[column]) for r in rows], dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{path}: empty or non-numeric label or {column!r} ({exc})") from None
+    slides = [r["slide_id"] for r in rows]
+    cases = [r.get("case_id") or "" for r in rows]
+    return slides, cases, labels, probs
+
+
+def _ci(y: np.ndarray, p: np.ndarray, cfg: RunConfig) -> dict[str, Any]:
+    n = cfg.train.ci_resamples
+    if n <= 0:
+        return {}
+    low, high = bootstrap_auc_ci(y, p, n=n, seed=cfg.train.seed)
+    return {
+        "auc": [low, high],
+        "level": 0.95,
+        "resamples": n,
+        "seed": cfg.train.seed,
+        "method": "stratified percentile bootstrap",
+    }
+
+
+def _pooled_and_patient(
+    cfg: RunConfig, run_dir: Path, results: list[dict[str, Any]], folds: list[int]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Pooled slide-level metrics with CI, and the patient-level block (without external)."""
+    ys: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    pat_y: list[np.ndarray] = []
+    pat_p: list[np.ndarray] = []
+    pat_folds: list[dict[str, Any]] = []
+    for fold, r in zip(folds, results, strict=True):
+        slides, cases, y, p = read_prediction_table(
+            run_dir / f"fold_{fold}" / "test_predictions.csv"
+        )
+        ys.append(y)
+        ps.append(p)
+        _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=slides)
+        pat_y.append(y_pat)
+        pat_p.append(p_pat)
+        m = evaluate_with_threshold(y_pat, p_pat, float(r.get("threshold", 0.5)))
+        pat_folds.append({"fold": fold, "test": m})
+    y_all, p_all = np.concatenate(ys), np.concatenate(ps)
+    pooled = binary_metrics(y_all, p_all)
+    ci = _ci(y_all, p_all, cfg)
+    yp, pp = np.concatenate(pat_y), np.concatenate(pat_p)
+    mean, std = aggregate([f["test"] for f in pat_folds])
+    patient = {
+        "folds": pat_folds,
+        "mean": mean,
+        "std": std,
+        "pooled": binary_metrics(yp, pp),
+        "ci": _ci(yp, pp, cfg),
+        "aggregation": "mean slide probability per patient",
+    }
+    return pooled, ci, patient
+
+
 def _summarise(
     cfg: RunConfig,
     run_dir: Path,
@@ -665,6 +836,9 @@ def _summarise(
         "val_std": val_std,
         "data": data_report,
     }
+    summary["pooled"], summary["ci"], summary["patient"] = _pooled_and_patient(
+        cfg, run_dir, results, folds
+    )
     if external is not None:
         _, ext_ids, ext_labels, ext_cases, _ = external
         per_fold = [_nan_metrics(r["external"]) for r in results if "external" in r]
@@ -680,6 +854,13 @@ def _summarise(
         if ext_labels is not None:
             y = np.array([ext_labels[s] for s in ext_ids])
             ext_summary["ensemble"] = evaluate_with_threshold(y, p, thr)
+            ext_summary["ci"] = _ci(y, p, cfg)
+            cases = [ext_cases.get(s, "") for s in ext_ids]
+            _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=ext_ids)
+            summary["patient"]["external"] = {
+                "ensemble": evaluate_with_threshold(y_pat, p_pat, thr),
+                "ci": _ci(y_pat, p_pat, cfg),
+            }
         summary["external"] = ext_summary
         header = ["slide_id", "case_id", "label"] + [f"prob_fold{f}" for f in folds]
         header += ["prob", "pred"]
@@ -710,7 +891,25 @@ def _pm(mean: Mapping[str, Any], std: Mapping[str, Any], key: str) -> str:
     return f"{_fmt(mean.get(key))} ± {_fmt(std.get(key))}"
 
 
-_COLS = ("auc", "auprc", "balanced_accuracy", "f1", "thr_balanced_accuracy", "thr_f1")
+_COLS = (
+    "auc",
+    "auprc",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "thr_accuracy",
+    "thr_balanced_accuracy",
+    "thr_f1",
+)
+
+
+def _ci_text(ci: Any) -> str:
+    """`` (95% CI low-high)`` from a summary ``ci`` block, or nothing."""
+    if not isinstance(ci, Mapping) or not isinstance(ci.get("auc"), Sequence):
+        return ""
+    low, high = ci["auc"]
+    level = ci.get("level", 0.95)
+    return f" ({100 * float(level):.0f}% CI {_fmt(low)}–{_fmt(high)})"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -746,8 +945,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"skipped without expression: {skipped['slides']} slides of "
                 f"{skipped['patients']} patients"
             )
+    # Each column is as wide as its full name (names are never cut) and at least 5 wide.
+    widths = [max(5, len(c)) for c in _COLS]
     head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
-        f"{c:>9}" if len(c) <= 9 else f"{c[:9]:>9}" for c in _COLS
+        f"{c:>{w}}" for c, w in zip(_COLS, widths, strict=True)
     )
     lines.append("")
     lines.append("test metrics per fold (thr_*: at the F1 threshold chosen on validation)")
@@ -757,14 +958,32 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{r.get('fold', '?'):>4} {r.get('epochs', '?'):>6} {r.get('best_epoch', '?'):>4} "
             f"{_fmt((r.get('val') or {}).get('auc')):>7} {_fmt(r.get('threshold'), 2):>5} "
-            + " ".join(f"{_fmt(test.get(c)):>9}" for c in _COLS)
+            + " ".join(f"{_fmt(test.get(c)):>{w}}" for c, w in zip(_COLS, widths, strict=True))
         )
     mean, std = summary.get("mean") or {}, summary.get("std") or {}
     lines.append("")
     lines.append(
         "mean ± std (ddof 1): "
-        + ", ".join(f"{c} {_pm(mean, std, c)}" for c in ("auc", "auprc", "balanced_accuracy", "f1"))
+        + ", ".join(
+            f"{c} {_pm(mean, std, c)}"
+            for c in ("auc", "auprc", "accuracy", "balanced_accuracy", "f1")
+        )
     )
+    pooled = summary.get("pooled") or {}
+    if pooled:
+        lines.append(
+            f"pooled test predictions ({pooled.get('n')} slides): auc {_fmt(pooled.get('auc'))}"
+            f"{_ci_text(summary.get('ci'))}, auprc {_fmt(pooled.get('auprc'))}"
+        )
+    patient = summary.get("patient") or {}
+    if patient:
+        p_mean, p_std = patient.get("mean") or {}, patient.get("std") or {}
+        p_pooled = patient.get("pooled") or {}
+        lines.append(
+            f"patient level (mean slide probability per patient, {p_pooled.get('n')} patients): "
+            f"auc {_pm(p_mean, p_std, 'auc')} over folds, pooled {_fmt(p_pooled.get('auc'))}"
+            f"{_ci_text(patient.get('ci'))}"
+        )
     ext = summary.get("external")
     if ext:
         lines.append("")
@@ -779,8 +998,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ens = ext.get("ensemble")
         if ens:
             lines.append(
-                f"  fold ensemble: auc {_fmt(ens.get('auc'))}, auprc {_fmt(ens.get('auprc'))}, "
+                f"  fold ensemble: auc {_fmt(ens.get('auc'))}{_ci_text(ext.get('ci'))}, "
+                f"auprc {_fmt(ens.get('auprc'))}, "
                 f"balanced_accuracy {_fmt(ens.get('balanced_accuracy'))}"
+            )
+        p_ext = (summary.get("patient") or {}).get("external") or {}
+        if p_ext.get("ensemble"):
+            lines.append(
+                f"  fold ensemble, patient level ({p_ext['ensemble'].get('n')} patients): "
+                f"auc {_fmt(p_ext['ensemble'].get('auc'))}{_ci_text(p_ext.get('ci'))}"
             )
     timing = summary.get("timing") or {}
     if timing:

@@ -1,4 +1,4 @@
-"""Patient-level, label-stratified k-fold splits (SPEC §1.2, §2.6).
+"""Patient-level, label-stratified k-fold splits (docs/METHOD.md §1.2, §2.6).
 
 Every patient lands in exactly one test fold; the validation set of a fold is a stratified
 ``val_fraction`` of the remaining patients, and the rest is the training set. All slides of a
@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,14 @@ import numpy as np
 from momkd._io import atomic_write_text
 from momkd.errors import DataError
 
-__all__ = ["Split", "make_splits", "read_splits", "resolve_splits", "write_splits"]
+__all__ = [
+    "Split",
+    "make_splits",
+    "read_splits",
+    "resolve_splits",
+    "subsample_train",
+    "write_splits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -365,3 +372,62 @@ def resolve_splits(
             raise DataError(f"{name}: no labelled slide left in 'train' or 'test'")
         out.append(Split(tuple(resolved["train"]), tuple(resolved["val"]), tuple(resolved["test"])))
     return out
+
+
+def subsample_train(
+    split: Split,
+    case_of: Mapping[str, str],
+    label_of: Mapping[str, int],
+    fraction: float,
+    *,
+    seed: int = 0,
+    fold: int = 0,
+) -> Split:
+    """Keep a stratified share of a fold's training patients (learning curves).
+
+    Per class ``c`` with ``n_c`` training patients, ``max(1, round(fraction * n_c))`` patients are
+    kept, with all their slides. The patients of each class are ordered by a permutation seeded with
+    ``(seed, fold, c)`` that does not depend on ``fraction``, and the first ones are kept, so the
+    subsets are nested: the patients kept at 0.25 are among those kept at 0.5. Validation and test
+    sets are unchanged.
+
+    Parameters
+    ----------
+    split
+        The fold (slide ids).
+    case_of, label_of
+        Slide -> patient and slide -> label for the training slides.
+    fraction
+        Share in ``(0, 1]``; 1 returns ``split`` unchanged.
+    seed, fold
+        Seed of the subsampling (``splits.seed``) and the fold index.
+
+    Returns
+    -------
+    Split
+        The fold with the reduced training set (slide ids sorted).
+
+    Raises
+    ------
+    DataError
+        ``fraction`` outside ``(0, 1]``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"subsample_train: fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
+    patient_label: dict[str, int] = {}
+    slides_of: dict[str, list[str]] = defaultdict(list)
+    for s in split.train:
+        patient_label.setdefault(case_of[s], int(label_of[s]))
+        slides_of[case_of[s]].append(s)
+    kept: list[str] = []
+    for c in (0, 1):
+        members = sorted(p for p, lab in patient_label.items() if lab == c)
+        if not members:
+            continue
+        n_keep = max(1, _round_half_up(fraction * len(members)))
+        order = np.random.default_rng([seed, fold, c]).permutation(len(members))
+        kept.extend(members[j] for j in order[:n_keep])
+    train = tuple(sorted(s for p in kept for s in slides_of[p]))
+    return Split(train, split.val, split.test)
