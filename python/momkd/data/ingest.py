@@ -10,15 +10,15 @@ Sources
   with ``features`` (or ``feats``) and ``coords`` entries.
 
 A ``.h5`` with the same stem as a ``.pt`` in the same folder is that tensor's coordinate file, not a
-source of its own.
+source of its own. A folder without feature files but with a ``h5_files/`` subfolder (a CLAM output
+folder) ingests ``h5_files/``. The slide id is the file stem; slides are stored in sorted stem order.
 
-Files without coordinates are an error unless ``grid_coords=True`` (``momkd ingest --no-coords``):
-their rows are then laid on a square grid in row order (row ``i`` of ``P`` at
+Files without coordinates are an error unless ``grid_coords_ok=True`` (``momkd ingest
+--no-coords``): their rows are then laid on a square grid in row order (row ``i`` of ``P`` at
 ``(i % W, i // W)`` with ``W = ceil(sqrt(P))``), one warning is logged, and the slide ids are
 recorded in the store header under ``grid_coords``. The k-NN patch graph of such slides joins
-patches that are neighbours in file order, not in the tissue, so graph methods (``momkd``) warn
-when they train on them. A folder without feature files but with a ``h5_files/`` subfolder (a CLAM output
-folder) ingests ``h5_files/``. The slide id is the file stem; slides are stored in sorted stem order.
+patches that are neighbours in file order, not in the tissue, so training ``method: momkd`` on
+them warns. An interrupted ingest may be resumed with or without ``--no-coords``.
 
 Files are read, validated and converted to the storage dtype on a thread pool; the store is written
 in order on the calling thread. The store stays resumable throughout (see :mod:`momkd.data.store`):
@@ -325,8 +325,8 @@ def _load(
     feats, coords, attrs = read_source(src, key, allow_missing_coords=allow_grid)
     gridded = coords is None
     if coords is None:
-        shape = getattr(feats, "shape", ())
-        coords = grid_coords(int(shape[0]) if len(shape) == 2 else 0)
+        # a malformed features array is reported by prepare_bag below
+        coords = grid_coords(int(feats.shape[0]) if np.ndim(feats) == 2 else 0)
     feats16, coords32 = prepare_bag(feats, coords, dtype=dtype, name=str(src.path))
     size = src.path.stat().st_size
     return feats16, coords32, attrs, size, gridded
@@ -335,11 +335,9 @@ def _load(
 # -------------------------------------------------------------------------------------------- ingest
 
 
-def _fingerprint(sources: list[SourceFile], key: str, dtype: str, grid: bool = False) -> str:
+def _fingerprint(sources: list[SourceFile], key: str, dtype: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"key": key, "dtype": dtype}).encode())
-    if grid:
-        h.update(b"grid-coords")
     for s in sources:
         h.update(json.dumps([s.slide_id, s.path.name, s.path.stat().st_size]).encode())
     return h.hexdigest()
@@ -472,7 +470,7 @@ def ingest(
         skipped.append({"file": str(path), "error": why})
     if not sources:
         raise IngestError(f"source {src_path}: no .h5 or .pt feature files")
-    fingerprint = _fingerprint(sources, key, dtype, grid_coords_ok)
+    fingerprint = _fingerprint(sources, key, dtype)
     meta = {
         "fingerprint": fingerprint,
         "source": str(src_path.resolve()),
