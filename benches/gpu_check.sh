@@ -145,6 +145,25 @@ for r in rows:
     print(f"epoch {r['epoch']}: {r['train_seconds']:.2f} s, loader wait {r['loader_wait_share']:.1%}")
 EOF
 log "  exit $?: $(tail -n 2 "$OUT/demo_epoch.log" | tr '\n' ' ')"
+# 3c. data-parallel training (torchrun) ------------------------------------------------------------
+# With >= 2 GPUs: epoch time of 1 vs 2 processes on CUDA (nccl), benches/bench_ddp.py. With one GPU
+# (nccl allows one rank per device): a 1-process torchrun training on the GPU and the 2-process gloo
+# comparison on the CPU. MOMKD_SKIP_DDP=1 skips this step.
+if [[ "${MOMKD_SKIP_DDP:-0}" != "1" ]]; then
+  NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
+  if [[ "$NGPU" -ge 2 ]]; then
+    log "DDP benchmark on CUDA (nccl, 1 vs 2 processes)"
+    MOMKD_BENCH_DEVICE=cuda "$PY" -m pytest benches/bench_ddp.py -q -s -p no:cacheprovider \
+      --benchmark-json="$OUT/bench_ddp_cuda.json" >"$OUT/ddp.log" 2>&1
+  else
+    log "one GPU: torchrun smoke run on cuda:0, then the DDP benchmark on the CPU (gloo)"
+    MOMKD_BENCH_DEVICE=cuda "$PY" -m pytest benches/bench_ddp.py -q -s -p no:cacheprovider \
+      -k "procs1" --benchmark-json="$OUT/bench_ddp_cuda1.json" >"$OUT/ddp.log" 2>&1
+    MOMKD_BENCH_DEVICE=cpu "$PY" -m pytest benches/bench_ddp.py -q -s -p no:cacheprovider \
+      --benchmark-json="$OUT/bench_ddp_cpu.json" >>"$OUT/ddp.log" 2>&1
+  fi
+  log "  exit $?: $(grep -h 'efficiency' "$OUT/ddp.log" | tail -n 1)"
+fi
 
 # 4. summary -------------------------------------------------------------------------------------
 "$PY" - "$OUT" <<'EOF'

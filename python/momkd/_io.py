@@ -1,20 +1,33 @@
-"""Small file-system helpers shared across momkd: atomic writes and folder sizes."""
+"""Small file-system helpers shared across momkd: atomic writes, folder sizes, and the strict
+JSON / CSV files of a run directory (NaN written as ``null`` / an empty cell)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import numpy as np
 
 __all__ = [
     "atomic_open",
     "atomic_write_text",
     "current_umask",
     "dir_bytes",
+    "jsonable",
+    "metrics_from_json",
+    "read_csv_predictions",
+    "read_json",
     "temp_file_beside",
+    "write_csv",
+    "write_json",
 ]
 
 
@@ -96,3 +109,69 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
             except OSError:
                 pass
     return total
+
+
+# ------------------------------------------------------------------------------ JSON and CSV
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/Inf floats as ``None``, numpy and torch scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):  # a tensor
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write strict JSON (NaN as ``null``) atomically."""
+    atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file written by :func:`write_json`."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_csv(
+    path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Write a CSV file atomically; floats with 6 significant digits beyond what they need."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow([_cell(v) for v in row])
+    atomic_write_text(Path(path), buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return repr(float(v))
+    if isinstance(v, list | tuple):
+        return ";".join(str(_cell(x)) for x in v)
+    if v is None:
+        return ""
+    return v
+
+
+def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, float]:
+    """Slide id -> probability from a prediction CSV written by the training loop."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return {row["slide_id"]: float(row[column]) for row in csv.DictReader(fh)}
+
+
+def metrics_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`jsonable` for a metric dict (``None`` back to NaN)."""
+    return {k: (math.nan if v is None else v) for k, v in d.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -136,8 +137,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from momkd.train.runner import train
 
     cfg = load_config(args.config, overrides=args.set or [])
-    set_torch_threads(cfg.train.torch_threads)  # validated by load_config
-    summary = train(cfg, out_dir=args.out, resume=args.resume)
+    threads = cfg.train.torch_threads
+    if threads is None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        # torchrun: the node's cores are shared by its ranks
+        from momkd._threads import available_cores
+
+        threads = max(1, available_cores() // int(os.environ["LOCAL_WORLD_SIZE"]))
+    set_torch_threads(threads)  # validated by load_config
+    if args.prepare_only:
+        from momkd.train.runner import prepare_run
+
+        run_dir, folds = prepare_run(cfg, args.out, args.resume)
+        print(f"prepared {run_dir}; folds to train: {', '.join(map(str, folds)) or 'none'}")
+        return 0
+    if args.fold_parallel:
+        from momkd.train.fold_parallel import run_fold_parallel
+
+        summary = run_fold_parallel(cfg, args.out, args.fold_parallel, resume=args.resume)
+    else:
+        summary = train(cfg, out_dir=args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return 0  # under torchrun, rank 0 alone reports and writes
     from momkd.train.runner import format_summary
 
     print(format_summary(summary))
@@ -157,6 +177,15 @@ def _write_report(run_dir: object) -> None:
         log.warning("could not write the run report: %s", _one_line(exc))
     else:
         print(f"report: {path}")
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from momkd.train.runner import format_summary, summarize
+
+    summary = summarize(args.run_dir)
+    print(format_summary(summary))
+    _write_report(args.run_dir)
+    return 0
 
 
 def _inference_threads(source: str, given: int | None) -> None:
@@ -341,7 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
+    p.add_argument(
+        "--fold-parallel",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train N folds at once, one process each (one GPU each, or a share of the cores)",
+    )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="check the inputs and write config and splits, no training (before a job array)",
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("summarize", help="merge a run's finished folds into its summary and report")
+    p.add_argument("run_dir", help="run directory written by `momkd train`")
+    p.set_defaults(func=_cmd_summarize)
 
     p = sub.add_parser(
         "compare",

@@ -276,6 +276,12 @@ class TrainConfig:
         "auto",
         "type the loader hands features over in (auto: float16 on CUDA, converted on the device)",
     )
+    dist_backend: Literal["auto", "nccl", "gloo"] = _f(
+        "auto", "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU)"
+    )
+    dist_timeout_s: float = _f(
+        1800.0, "timeout of every collective under torchrun (seconds); a stalled rank ends the run"
+    )
 
 
 @dataclass
@@ -693,6 +699,7 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(set(t.folds)) == len(t.folds), "train.folds", "contains duplicates")
     require(t.bootstrap >= 0, "train.bootstrap", "must be >= 0")
     require(t.knn_k >= 1, "train.knn_k", "must be >= 1")
+    require(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     require(math.isfinite(t.min_delta) and t.min_delta >= 0, "train.min_delta", "must be >= 0")
     require(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1")
     require(t.ci_resamples >= 0, "train.ci_resamples", "must be >= 0")

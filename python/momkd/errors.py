@@ -33,3 +33,11 @@ __all__ = [
     "SlideNotFoundError",
     "StoreError",
 ]
+
+
+class DistributedError(MomkdError):
+    """A data-parallel run cannot go on: a collective failed or timed out (another rank stopped),
+    or the ranks' models diverged."""
+
+
+__all__ += ["DistributedError"]

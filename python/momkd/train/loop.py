@@ -22,6 +22,12 @@ train`` the features are standardised with statistics of the fold's training pat
 slide keeps its own k-NN graph). Test metrics are reported at the argmax rule and at the F1-optimal
 threshold chosen on the validation set.
 
+Data parallelism (``torchrun``, :mod:`momkd.train.distributed`): the model is wrapped in
+``DistributedDataParallel``; rank ``r`` of ``W`` trains on the draws ``r, r + W, ...`` of the epoch's
+global draw, so W ranks x batch B train as one process x batch B*W; momentum statistics are
+all-reduced before each memory update; inference is sharded and gathered in slide order; a checksum
+of the model is compared across ranks after every epoch; rank 0 alone writes ``fold_<k>/``.
+
 Reproducibility: every fold seeds Python, numpy and torch with ``train.seed + fold`` before building
 its model, the epoch draw depends only on ``(seed, epoch)``, and ``last.pt`` stores every generator
 state, so a run resumed from ``last.pt`` replays the following epochs exactly as an uninterrupted
@@ -30,9 +36,6 @@ run would (bit-identical on CPU in ``train.deterministic`` mode).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
@@ -49,7 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from momkd._io import atomic_write_text
+from momkd._io import (  # noqa: F401 - re-exported: the I/O helpers used to live here
+    jsonable,
+    metrics_from_json,
+    read_csv_predictions,
+    read_json,
+    write_csv,
+    write_json,
+)
 from momkd.config import RunConfig
 from momkd.data.cache import BagCache, shared_cache
 from momkd.data.loader import Bag, BagLoader
@@ -64,8 +74,9 @@ from momkd.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from momkd.train.distributed import Dist, shard, unshard
 from momkd.train.sampler import ClassBalancedSampler
-from momkd.train.standardize import attach_standardizer, fit_feature_stats
+from momkd.train.standardize import FeatureStats, attach_standardizer, fit_feature_stats
 
 __all__ = [
     "METHODS",
@@ -89,72 +100,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS = ("momkd", "abmil", "batchkd")
-
-
-# ------------------------------------------------------------------------------------- small I/O
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with NaN/Inf floats as ``None``, numpy and torch scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write strict JSON (NaN as ``null``) atomically."""
-    atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file written by :func:`write_json`."""
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def write_csv(
-    path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[Any]]
-) -> None:
-    """Write a CSV file atomically; floats with 6 significant digits beyond what they need."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(list(header))
-    for row in rows:
-        writer.writerow([_cell(v) for v in row])
-    atomic_write_text(Path(path), buf.getvalue())
-
-
-def _cell(v: Any) -> Any:
-    if isinstance(v, float | np.floating):
-        return repr(float(v))
-    if isinstance(v, list | tuple):
-        return ";".join(str(_cell(x)) for x in v)
-    if v is None:
-        return ""
-    return v
-
-
-def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, float]:
-    """Slide id -> probability from a prediction CSV written by the training loop."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        return {row["slide_id"]: float(row[column]) for row in csv.DictReader(fh)}
-
-
-def metrics_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`jsonable` for a metric dict (``None`` back to NaN)."""
-    return {k: (math.nan if v is None else v) for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -528,8 +473,13 @@ def run_inference(
     members: Mapping[str, Sequence[str]] | None = None,
     dtype: str = "float32",
     cache: BagCache | None = None,
+    dist: Dist | None = None,
 ) -> InferenceResult:
     """Predict every slide with the histology branch only (eval mode, all patches).
+
+    In a data-parallel run (``dist`` with several ranks) rank ``r`` predicts the slides
+    ``slide_ids[r::world_size]`` and the predictions, losses and memory usage counts are gathered,
+    so every rank returns the same result, in the order of ``slide_ids``.
 
     Parameters
     ----------
@@ -560,6 +510,8 @@ def run_inference(
         Loader hand-off type (float16 is widened on ``device``).
     cache : BagCache, optional
         Cohort cache of ``store`` (:mod:`momkd.data.cache`).
+    dist : Dist, optional
+        Shard the slides over the ranks of a data-parallel run (every rank must call).
 
     Returns
     -------
@@ -570,11 +522,13 @@ def run_inference(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    ids = list(slide_ids)
+    all_ids = list(slide_ids)
+    d = dist if dist is not None else Dist()
+    ids = shard(all_ids, d)
     probs = np.zeros(len(ids), dtype=np.float64)
-    ce_sum = 0.0
-    assign_pos: list[Tensor] = []
-    assign_neg: list[Tensor] = []
+    ces = np.zeros(len(ids), dtype=np.float64)
+    k = int(getattr(getattr(model, "cfg", None), "memory_k", 0) or 0)
+    counts = {"pos": np.zeros(k, dtype=np.int64), "neg": np.zeros(k, dtype=np.int64)}
     graph = uses_graph(method)
     try:
         if ids:
@@ -597,32 +551,38 @@ def run_inference(
                 probs[i] = float(torch.softmax(logits[0], dim=-1)[1])
                 if labels is not None:
                     y = torch.tensor([labels[bag.slide_id]], device=logits.device)
-                    ce_sum += float(F.cross_entropy(logits, y))
+                    ces[i] = float(F.cross_entropy(logits, y))
                 if collect_usage:
-                    assign_pos.append(out.assign_pos.cpu())
-                    assign_neg.append(out.assign_neg.cpu())
+                    for name, assign in (("pos", out.assign_pos), ("neg", out.assign_neg)):
+                        a = assign.detach().reshape(-1).cpu().numpy()
+                        counts[name] += np.bincount(a, minlength=k)[:k]
                 bar.update(1)
             bar.close()
     finally:
         model.train(was_training)
+    if d.enabled:
+        parts = d.all_gather_object((probs, ces, counts), "gathering predictions")
+        probs = np.asarray(unshard([p[0].tolist() for p in parts], len(all_ids)), np.float64)
+        ces = np.asarray(unshard([p[1].tolist() for p in parts], len(all_ids)), np.float64)
+        counts = {n: np.sum([p[2][n] for p in parts], axis=0) for n in ("pos", "neg")}
     usage = None
-    if collect_usage and assign_pos:
+    if collect_usage and k and int(counts["pos"].sum()) > 0:
         from momkd.memory import usage_stats
 
-        model_cfg: Any = model.cfg
-        k = int(model_cfg.memory_k)
         usage = {}
-        for name, parts in (("pos", assign_pos), ("neg", assign_neg)):
-            st = usage_stats(torch.cat(parts), k)
+        for name, c in counts.items():
+            # The assignments rebuilt from their counts (usage_stats needs only the histogram).
+            assign = torch.repeat_interleave(torch.arange(k), torch.from_numpy(c))
+            st = usage_stats(assign, k)
             usage[name] = {
                 "usage": [float(v) for v in st["usage"]],  # type: ignore[union-attr]
                 "active_ratio": float(st["active_ratio"]),  # type: ignore[arg-type]
                 "perplexity": float(st["perplexity"]),  # type: ignore[arg-type]
             }
     return InferenceResult(
-        slide_ids=ids,
+        slide_ids=all_ids,
         probs=probs,
-        loss=ce_sum / len(ids) if labels is not None and ids else None,
+        loss=sum(ces.tolist()) / len(all_ids) if labels is not None and all_ids else None,
         usage=usage,
         seconds=time.perf_counter() - t0,
     )
@@ -774,6 +734,10 @@ class FoldTrainer:
     device : torch.device
     progress : bool
         Show tqdm bars.
+    dist : Dist, optional
+        This process's rank in a data-parallel run (:mod:`momkd.train.distributed`): the model is
+        wrapped in ``DistributedDataParallel``, rank ``r`` trains on the draws ``r, r + W, ...`` of
+        the epoch, inference is sharded and gathered, and rank 0 alone writes ``fold_dir``.
     """
 
     def __init__(
@@ -785,13 +749,15 @@ class FoldTrainer:
         *,
         device: torch.device,
         progress: bool = False,
+        dist: Dist | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.store = store
         self.dir = Path(fold_dir)
         self.device = device
-        self.progress = progress
+        self.dist = dist if dist is not None else Dist()
+        self.progress = progress and self.dist.is_main
         self.method = cfg.model.method
         self.seed = int(cfg.train.seed) + int(data.fold)
         genes = None
@@ -828,13 +794,42 @@ class FoldTrainer:
         )
         train_labels = [self.data.labels[s] for s in self.data.train]
         self.sampler = ClassBalancedSampler(
-            train_labels, balanced=self.cfg.train.balanced_sampling, seed=self.seed
+            train_labels,
+            balanced=self.cfg.train.balanced_sampling,
+            seed=self.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         t = self.cfg.train
         self.monitor = Monitor(
             t.patience, t.min_epochs, float(t.min_delta), plateau_patience=t.plateau_patience
         )
         self.state = _State()
+        self.net: nn.Module = self.model  # the DistributedDataParallel wrapper once training starts
+        if self.dist.rank > 0:
+            # Every rank built the same model from the same seed; dropout gets its own stream.
+            torch.manual_seed(self.seed + 1_000_003 * self.dist.rank)
+
+    def _wrap(self) -> None:
+        """Wrap the model in ``DistributedDataParallel`` (data-parallel runs only), after checking
+        that every rank starts from the same parameters, memory and feature statistics."""
+        if not self.dist.enabled or self.net is not self.model:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.dist.check_identical(self.model, f"fold {self.data.fold}: the initial model")
+        # Buffers (momentum memory, feature statistics) are kept identical by construction and
+        # checked every epoch, so they are not re-broadcast before each forward.
+        import inspect
+
+        kw: dict[str, Any] = {"broadcast_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            kw = {"forward_sync_buffers": False}  # the newer name of the same setting
+        self.net = DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **kw,
+        )
 
     def _meta(self, kind: str) -> dict[str, Any]:
         return {
@@ -851,6 +846,11 @@ class FoldTrainer:
         }
 
     def _save_last(self) -> None:
+        # Collective: every rank's generator states go into the checkpoint (rank 0 writes it).
+        rngs = self.dist.gather_object(capture_rng_state(), "gathering generator states")
+        if not self.dist.is_main:
+            return
+        assert rngs is not None
         state = self._meta("last")
         state.update(
             {
@@ -858,14 +858,19 @@ class FoldTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "monitor": self.monitor.state_dict(),
-                "rng": capture_rng_state(),
+                "rng": rngs[0],
                 "history": self.state.history,
                 "finished": self.state.finished,
+                "world_size": self.dist.world_size,
             }
         )
+        if self.dist.enabled:
+            state["rng_ranks"] = rngs
         save_checkpoint(self.dir / "last.pt", state)
 
     def _save_best(self, val_auc: float, score: float) -> None:
+        if not self.dist.is_main:
+            return
         state = self._meta("best")
         state.update(
             {
@@ -878,7 +883,10 @@ class FoldTrainer:
         save_checkpoint(self.dir / "best.pt", state)
 
     def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.dir / "last.pt", map_location=self.device)
+        # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
+        ckpt = self.dist.on_main(
+            lambda: load_checkpoint(self.dir / "last.pt", map_location="cpu"), "reading last.pt"
+        )
         if ckpt.get("method") != self.method or int(ckpt.get("fold", -1)) != self.data.fold:
             raise MomkdError(
                 f"checkpoint {self.dir / 'last.pt'} belongs to method {ckpt.get('method')} fold "
@@ -899,7 +907,19 @@ class FoldTrainer:
             finished=bool(ckpt.get("finished", False)),
             history=list(ckpt.get("history", [])),
         )
-        restore_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            restore_rng_state(ranks[self.dist.rank])
+        else:
+            restore_rng_state(ckpt["rng"])
+            if self.dist.world_size != int(ckpt.get("world_size", 1)):
+                log.warning(
+                    "fold %d: resumed with %d processes from a checkpoint of %d; the run goes on "
+                    "but does not replay the uninterrupted one exactly",
+                    self.data.fold,
+                    self.dist.world_size,
+                    int(ckpt.get("world_size", 1)),
+                )
         log.info("fold %d: resumed after epoch %d", self.data.fold, self.state.epoch)
 
     def _loader(
@@ -921,11 +941,21 @@ class FoldTrainer:
         )
 
     def _fit_standardizer(self) -> None:
-        """Feature mean/std over every patch of the training units (all patches, no graph)."""
+        """Feature mean/std over every patch of the training units (all patches, no graph).
+
+        In a data-parallel run each rank reads its share of the units and the per-rank float64
+        statistics are gathered and merged in rank order, so every rank holds the same values.
+        """
         units = list(dict.fromkeys(self.data.train))
         stats = fit_feature_stats(
-            self._loader(units, 0, train=False, graph=False), self.store.feature_dim
+            self._loader(shard(units, self.dist), 0, train=False, graph=False),
+            self.store.feature_dim,
         )
+        if self.dist.enabled:
+            parts = self.dist.all_gather_object(stats, "gathering feature statistics")
+            stats = FeatureStats(self.store.feature_dim)
+            for part in parts:
+                stats.merge(part)
         attach_standardizer(self.model, self.store.feature_dim, stats)
         log.info(
             "fold %d: feature standardisation fitted on %d patches of %d training bags",
@@ -963,7 +993,17 @@ class FoldTrainer:
 
     @torch.no_grad()
     def _init_memory(self) -> None:
-        """Spherical k-means initialisation of C+ and C- (docs/METHOD.md §2.5) from the untrained model."""
+        """Spherical k-means initialisation of C+ and C- (docs/METHOD.md §2.5) from the untrained
+        model.
+
+        Per class, the training slides are visited in a seeded order until ``memory.init_per_class``
+        patch projections are collected (then subsampled to that bound). In a data-parallel run the
+        visit is split over the ranks in rounds (rank ``r`` projects slide ``j * W + r``); the
+        per-slide counts are shared after each round, so every rank knows where a single process
+        would have stopped, the projections up to that slide are gathered on rank 0 in visiting
+        order, rank 0 runs k-means and the memory is broadcast. The result does not depend on the
+        number of ranks.
+        """
         per_class = int(self.cfg.memory.init_per_class)
         rng = np.random.default_rng([self.seed, 2_000_003])
         by_class = {c: [s for s in self.data.train if self.data.labels[s] == c] for c in (0, 1)}
@@ -973,43 +1013,64 @@ class FoldTrainer:
                 "initialise the memory"
             )
         n_slides = min(len(by_class[0]), len(by_class[1]))
+        d = self.dist
         embeddings: dict[int, Tensor] = {}
+        totals: dict[int, int] = {}
         self.model.eval()
         for c in (1, 0):
             order = [by_class[c][i] for i in rng.permutation(len(by_class[c]))[:n_slides]]
-            parts: list[Tensor] = []
-            total = 0
-            for bag in self._loader(order, 0, train=True):
-                feats, edges, _ = collate([bag], self.device, graph=True)
-                out = self.model(feats, edges)
-                parts.append(out.patch_proj.float().cpu())
-                total += parts[-1].shape[0]
-                if total >= per_class:
-                    break
-            emb = torch.cat(parts)
-            if emb.shape[0] > per_class:
-                keep = np.sort(rng.choice(emb.shape[0], size=per_class, replace=False))
-                emb = emb[torch.from_numpy(keep)]
-            embeddings[c] = emb
+            mine: dict[int, Tensor] = {}  # position in `order` -> (P, S) projections
+            sizes: list[int] = []  # projections per visited slide, in visiting order
+            it = iter(self._loader(order[d.rank :: d.world_size], 0, train=True))
+            j = 0
+            while j < len(order) and sum(sizes) < per_class:
+                n_local = 0
+                if j + d.rank < len(order):
+                    feats, edges, _ = collate([next(it)], self.device, graph=True)
+                    proj = self.model(feats, edges).patch_proj.float().cpu()
+                    mine[j + d.rank] = proj
+                    n_local = proj.shape[0]
+                sizes.extend(
+                    d.all_gather_object(n_local, "memory initialisation")[: len(order) - j]
+                )
+                j += d.world_size
+            # The first slide at which a single process would have stopped.
+            stop = int(np.searchsorted(np.cumsum(sizes), per_class)) + 1
+            total = int(sum(sizes[:stop]))
+            keep = None
+            if total > per_class:
+                keep = torch.from_numpy(np.sort(rng.choice(total, size=per_class, replace=False)))
+            gathered = d.gather_object(
+                [(p, t) for p, t in mine.items() if p < stop], "memory initialisation"
+            )
+            if gathered is not None:
+                parts = sorted(
+                    (p for rank_parts in gathered for p in rank_parts), key=lambda x: x[0]
+                )
+                emb = torch.cat([t for _, t in parts])
+                embeddings[c] = emb if keep is None else emb[keep]
+            totals[c] = min(total, per_class)
         k = int(self.spec["params"]["memory_k"])
-        for c, emb in embeddings.items():
-            if emb.shape[0] < k:
+        for c, n in totals.items():
+            if n < k:
                 raise DataError(
-                    f"fold {self.data.fold}: {emb.shape[0]} patch projections of class {c} for "
+                    f"fold {self.data.fold}: {n} patch projections of class {c} for "
                     f"{k} memory components; lower model.memory_k"
                 )
-        self.model.init_memory(  # type: ignore[operator]
-            embeddings[1].to(self.device),
-            embeddings[0].to(self.device),
-            iters=int(self.cfg.memory.kmeans_iters),
-            seed=self.seed,
-        )
+        if d.is_main:
+            self.model.init_memory(  # type: ignore[operator]
+                embeddings[1].to(self.device),
+                embeddings[0].to(self.device),
+                iters=int(self.cfg.memory.kmeans_iters),
+                seed=self.seed,
+            )
+        d.broadcast_module(self.model.memory, "broadcast of the initial memory")  # type: ignore[arg-type]
         self.model.train()
         log.info(
             "fold %d: memory initialised from %d / %d projections",
             self.data.fold,
-            embeddings[1].shape[0],
-            embeddings[0].shape[0],
+            totals[1],
+            totals[0],
         )
 
     # ---------------------------------------------------------------------------------- epochs
@@ -1019,6 +1080,7 @@ class FoldTrainer:
 
         model = self.model
         model.train()
+        # This rank's share of the epoch's global draw (draws r, r + W, ...); see the sampler.
         positions = self.sampler.indices(epoch)
         ids = [self.data.train[i] for i in positions]
         loader = self._loader(ids, epoch, train=True)
@@ -1036,6 +1098,7 @@ class FoldTrainer:
         expr_map = self.data.expression
         use_expr = uses_expression(self.method)
         after_step = getattr(model, "after_optimizer_step", None)
+        reduce_fn = self.dist.memory_reduce_fn()
         params = [p for p in model.parameters() if p.requires_grad]
         for bags in _chunks(iter(loader), len(ids), self.batch_size, wait):
             feats, edges, offsets = collate(bags, self.device, graph=self.graph)
@@ -1047,7 +1110,7 @@ class FoldTrainer:
                 expr = torch.from_numpy(
                     np.stack([expr_map[self.data.cases[s]] for s in slide_ids])
                 ).to(self.device)
-            out = model(feats, edges, expr, offsets)
+            out = self.net(feats, edges, expr, offsets)
             loss, terms = model.loss(out, y, expr, self.weights)  # type: ignore[operator]
             if not torch.isfinite(loss):
                 raise DataError(
@@ -1060,7 +1123,10 @@ class FoldTrainer:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_norm)
             self.optimizer.step()
             if after_step is not None:
-                after_step(out, y)
+                if reduce_fn is not None:  # momentum statistics summed over the ranks
+                    after_step(out, y, reduce_fn=reduce_fn)
+                else:
+                    after_step(out, y)
             self.state.step += 1
             n_steps += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -1070,7 +1136,16 @@ class FoldTrainer:
             bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"train_" + k: v / max(n_steps, 1) for k, v in sums.items()}
+        if self.dist.enabled:  # mean losses over every rank's steps
+            keys = sorted(sums)
+            tot = self.dist.all_reduce_sum(
+                torch.tensor([n_steps] + [sums[k] for k in keys], dtype=torch.float64),
+                "all-reduce of the epoch losses",
+            ).tolist()
+            total_steps = max(tot[0], 1.0)
+            row: dict[str, Any] = {"train_" + k: v / total_steps for k, v in zip(keys, tot[1:])}
+        else:
+            row = {"train_" + k: v / max(n_steps, 1) for k, v in sums.items()}
         row.update(
             {
                 "train_seconds": seconds,
@@ -1096,6 +1171,7 @@ class FoldTrainer:
             members=self.data.members,
             dtype=self.feature_dtype,
             cache=self.cache,
+            dist=self.dist,
         )
 
     def _val_score(self, res: InferenceResult, epoch: int, val_auc: float) -> float:
@@ -1126,6 +1202,7 @@ class FoldTrainer:
             disable=not self.progress,
             unit="epoch",
         )
+        self._wrap()
         while not self.state.finished and self.state.epoch < epochs:
             epoch = self.state.epoch
             t0 = time.perf_counter()
@@ -1138,6 +1215,9 @@ class FoldTrainer:
                 y_val = np.array([self.data.labels[s] for s in val.slide_ids])
                 val_auc = float(binary_metrics(y_val, val.probs)["auc"])
             score = self._val_score(val, epoch, val_auc)
+            # Every rank holds the same predictions; rank 0's score decides, so that the ranks
+            # never take different branches (the kept epoch, the LR cut, early stopping).
+            score, val_auc = self.dist.broadcast_object((score, val_auc), "broadcast of the score")
             improved = self.monitor.update(score, epoch)
             if self.monitor.should_reduce_lr():
                 for group in self.optimizer.param_groups:
@@ -1155,6 +1235,7 @@ class FoldTrainer:
                     row[f"mem_{name}_active_ratio"] = st["active_ratio"]
                     row[f"mem_{name}_perplexity"] = st["perplexity"]
             row["best"] = improved
+            self.dist.check_identical(self.model, f"fold {self.data.fold} epoch {epoch}")
             row["seconds"] = time.perf_counter() - t0
             self.state.history.append(row)
             self.state.epoch = epoch + 1
@@ -1164,6 +1245,8 @@ class FoldTrainer:
                 self._save_best(val_auc, score)
             self._save_last()
             self._write_history()
+            if not self.dist.is_main:
+                continue
             log.info(
                 "fold %d epoch %d: loss %.4f val_auc %.4f val_loss %.4f lr %.2e (%.1fs, loader "
                 "wait %.0f%%)",
@@ -1186,6 +1269,8 @@ class FoldTrainer:
         return len(y) == 2
 
     def _write_history(self) -> None:
+        if not self.dist.is_main:
+            return
         hist = self.state.history
         write_json(self.dir / "history.json", hist)
         keys: list[str] = []
@@ -1195,10 +1280,18 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------------------ evaluation
 
-    def _load_best(self) -> dict[str, Any]:
-        ckpt = load_checkpoint(self.dir / "best.pt", map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        return ckpt
+    def _load_best(self) -> int:
+        """Load the kept model (rank 0 reads ``best.pt`` and broadcasts it); returns its epoch
+        count."""
+
+        def read() -> int:
+            ckpt = load_checkpoint(self.dir / "best.pt", map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            return int(ckpt.get("epoch", 0))
+
+        epochs = self.dist.on_main(read, "reading best.pt")
+        self.dist.broadcast_module(self.model, "broadcast of the kept model")
+        return epochs
 
     def _predictions(
         self,
@@ -1225,10 +1318,15 @@ class FoldTrainer:
         return rows
 
     def evaluate(self) -> dict[str, Any]:
-        """Test the best model: threshold from validation, metrics, prediction CSVs, external."""
+        """Test the best model: threshold from validation, metrics, prediction CSVs, external.
+
+        Inference is sharded over the ranks of a data-parallel run; rank 0 alone computes the
+        metrics and writes the files, and returns the result (the other ranks an empty dict).
+        """
         from momkd.metrics import best_f1_threshold
 
-        best = self._load_best()
+        best_epochs = self._load_best()
+        main = self.dist.is_main
         d = self.data
         kw: dict[str, Any] = {
             "method": self.method,
@@ -1238,13 +1336,14 @@ class FoldTrainer:
             "prefetch": self.cfg.train.prefetch,
             "progress": self.progress,
             "dtype": self.feature_dtype,
+            "dist": self.dist,
         }
         header = ["slide_id", "case_id", "label", "prob", "pred"]
         members = d.members
         slides_col = ["slides"] if members is not None else []
         result: dict[str, Any] = {
             "fold": d.fold,
-            "best_epoch": int(best.get("epoch", 0)) - 1,
+            "best_epoch": best_epochs - 1,
             "epochs": self.state.epoch,
             "stopped_early": self.state.epoch < int(self.cfg.train.epochs),
             "n_train": len(d.train),
@@ -1264,6 +1363,7 @@ class FoldTrainer:
                 members=members,
                 **kw,
             )
+        if d.val and main:
             y_val = np.array([d.labels[s] for s in d.val])
             thr = best_f1_threshold(y_val, val.probs)
             result["val"] = binary_metrics(y_val, val.probs)
@@ -1273,7 +1373,7 @@ class FoldTrainer:
                 header + slides_col,
                 self._predictions(val, d.labels, d.cases, None, members),
             )
-        else:
+        elif main:
             result["val"] = {}
         result["threshold"] = thr
         test = run_inference(
@@ -1285,6 +1385,20 @@ class FoldTrainer:
             members=members,
             **kw,
         )
+        ext = None
+        if d.external is not None:
+            ext_store, ext_ids, ext_labels, ext_cases = d.external
+            ext_members = d.external_members
+            ext = run_inference(
+                self.model,
+                ext_store,
+                ext_ids,
+                desc=f"fold {d.fold} external",
+                members=ext_members,
+                **kw,
+            )
+        if not main:
+            return {}
         y_test = np.array([d.labels[s] for s in d.test])
         result["test"] = evaluate_with_threshold(y_test, test.probs, thr)
         if self.cfg.train.bootstrap > 0:
@@ -1298,16 +1412,7 @@ class FoldTrainer:
             self._predictions(test, d.labels, d.cases, thr, members),
         )
         if d.external is not None:
-            ext_store, ext_ids, ext_labels, ext_cases = d.external
-            ext_members = d.external_members
-            ext = run_inference(
-                self.model,
-                ext_store,
-                ext_ids,
-                desc=f"fold {d.fold} external",
-                members=ext_members,
-                **kw,
-            )
+            assert ext is not None
             write_csv(
                 self.dir / "external_predictions.csv",
                 header + ["pred_thr"] + (["slides"] if ext_members is not None else []),
@@ -1324,10 +1429,15 @@ class FoldTrainer:
         """Train (or resume) and evaluate the fold; returns the fold result written to
         ``result.json``."""
         t0 = time.perf_counter()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self._build()
-        self._check_validation_size()
-        if resume and (self.dir / "last.pt").is_file():
+        if self.dist.is_main:
+            self._check_validation_size()
+        has_last = self.dist.on_main(
+            lambda: (self.dir / "last.pt").is_file(), "looking for last.pt"
+        )
+        if resume and has_last:
             self._load_last()
         else:
             if self.spec.get("standardize"):
@@ -1336,6 +1446,8 @@ class FoldTrainer:
                 self._init_memory()
         self.fit()
         result = self.evaluate()
+        if not self.dist.is_main:
+            return result
         result["seconds"] = time.perf_counter() - t0
         result["train_seconds"] = float(sum(r.get("seconds", 0.0) for r in self.state.history))
         waits = [r.get("loader_wait_share", 0.0) for r in self.state.history]

@@ -67,7 +67,14 @@ from momkd.train.splits import (
     write_splits,
 )
 
-__all__ = ["config_differences", "format_summary", "read_prediction_table", "train"]
+__all__ = [
+    "config_differences",
+    "finished_folds",
+    "format_summary",
+    "read_prediction_table",
+    "summarize",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,9 @@ log = logging.getLogger(__name__)
 _RUNTIME_KEYS = {
     "output.dir",
     "train.device",
+    "train.dist_backend",
+    "train.dist_timeout_s",
+    "train.folds",
     "train.kernels",
     "train.num_threads",
     "train.prefetch",
@@ -317,26 +327,77 @@ def train(
     DataError
         Labelled slides missing from the store, patients without expression, bad labels or splits.
     """
-    import torch
-
-    from momkd import kernels
-    from momkd.train.loop import progress_enabled, read_json, select_device, write_csv, write_json
+    from momkd.train.distributed import init_distributed, shutdown_distributed
 
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg)
+    # Under torchrun: join the process group (one rank per process); otherwise a single process.
+    dist, device = init_distributed(
+        cfg.train.dist_backend, cfg.train.device, cfg.train.dist_timeout_s
+    )
+    try:
+        summary = _train(cfg, out_dir, resume, progress, dist, device)
+    except RuntimeError as exc:
+        raise _as_distributed_error(exc, dist) from exc
+    shutdown_distributed(dist)
+    return summary
+
+
+def _as_distributed_error(exc: RuntimeError, dist: Any) -> BaseException:
+    """A one-line :class:`~momkd.errors.DistributedError` for a failed collective inside torch
+    (e.g. DDP's gradient all-reduce after another rank stopped); other errors unchanged."""
+    import torch.distributed
+
+    from momkd.errors import DistributedError, MomkdError
+
+    if not dist.enabled or isinstance(exc, MomkdError):
+        return exc
+    text = str(exc)
+    comm = isinstance(exc, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "Gloo", "NCCL", "nccl", "Connection closed", "timed out")
+    )
+    if not comm:
+        return exc
+    from momkd.train.distributed import _first_line
+
+    first = _first_line(exc)
+    return DistributedError(
+        f"rank {dist.rank}: training stopped: another rank stopped or a collective timed out "
+        f"(train.dist_timeout_s={dist.timeout_s:g}): {first}"
+    )
+
+
+def _train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    progress: bool | None,
+    dist: Any,
+    device: Any,
+) -> dict[str, Any]:
+    import torch
+
+    from momkd import kernels
+    from momkd.train.loop import progress_enabled, write_json
+
     t_start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    run_dir = _resolve_run_dir(cfg, out_dir, resume)
+    run_dir = dist.on_main(
+        lambda: _resolve_run_dir(cfg, out_dir, resume), "checking the run directory"
+    )
     show = progress_enabled(cfg) if progress is None else progress
-    device = select_device(cfg.train.device)
     kernels.check_kernel_mode(cfg.train.kernels, device)
     store, table, expression, data_report = _load_inputs(cfg)
     external = _load_external(cfg)
     if external is not None:
         data_report["external"] = external[4]
-    # The run directory is created only once the inputs are known to be valid.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    # The run directory is created only once the inputs are known to be valid (by rank 0 alone).
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (resume and (run_dir / "config.yaml").is_file()):
+            # A resumed run keeps its file (it matched, up to run-time keys such as train.folds).
+            save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "data.json", data_report)
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -349,28 +410,160 @@ def train(
     try:
         with kernels.kernel_mode(cfg.train.kernels, device):
             summary = _run_folds(
-                cfg, run_dir, resume, store, table, expression, external, data_report, device, show
+                cfg,
+                run_dir,
+                resume,
+                store,
+                table,
+                expression,
+                external,
+                data_report,
+                device,
+                show,
+                dist,
             )
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
-    summary["timing"] = {
+    if not dist.is_main:
+        # Rank 0 writes the summary; every rank returns the same one.
+        return dist.broadcast_object(None, "broadcast of the summary")  # type: ignore[no-any-return]
+    timing = {
         "started": started,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": time.perf_counter() - t_start,
-        "fold_seconds": summary.pop("fold_seconds"),
         "device": str(device),
     }
-    if external is not None and "ensemble_rows" in summary:
-        write_csv(
-            run_dir / "external_predictions.csv",
-            summary.pop("ensemble_header"),
-            summary.pop("ensemble_rows"),
-        )
-    write_json(run_dir / "summary.json", summary)
-    summary = read_json(run_dir / "summary.json")
-    (run_dir / "summary.txt").write_text(format_summary(summary) + "\n", encoding="utf-8")
+    summary = _write_summary(cfg, run_dir, data_report, summary["external"], timing)
+    return dist.broadcast_object(summary, "broadcast of the summary")  # type: ignore[no-any-return]
+
+
+def prepare_run(
+    cfg: RunConfig, out_dir: str | os.PathLike[str] | None, resume: bool
+) -> tuple[Path, list[int]]:
+    """Check the inputs and create the run directory (configuration, data report, splits) without
+    training; returns the run directory and the configured folds not finished yet (fold-parallel
+    runs and job arrays resume into it, one fold per process)."""
+    from momkd.train.loop import write_json
+
+    run_dir = _resolve_run_dir(cfg, out_dir, resume)
+    _, table, _, data_report = _load_inputs(cfg)
+    external = _load_external(cfg)
+    if external is not None:
+        data_report["external"] = external[4]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (resume and (run_dir / "config.yaml").is_file()):
+        save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "data.json", data_report)
+    splits = _splits(cfg, run_dir, table, resume)
+    folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
+    done = set(finished_folds(run_dir))
+    return run_dir, [f for f in folds if f not in done]
+
+
+def finished_folds(run_dir: str | os.PathLike[str]) -> list[int]:
+    """Folds of ``run_dir`` whose ``fold_<k>/result.json`` exists, in increasing order."""
+    out = []
+    for p in Path(run_dir).glob("fold_*/result.json"):
+        suffix = p.parent.name.removeprefix("fold_")
+        if suffix.isdigit():
+            out.append(int(suffix))
+    return sorted(out)
+
+
+def _write_summary(
+    cfg: RunConfig,
+    run_dir: Path,
+    data_report: dict[str, Any],
+    external: Any,
+    timing: dict[str, Any],
+) -> dict[str, Any]:
+    """Merge every finished fold of ``run_dir`` into ``summary.json``, ``summary.txt`` and the
+    external fold-ensemble CSV.
+
+    Fold processes of one run (``--fold-parallel``, a job array) may finish at the same time: the
+    merge runs under an exclusive lock on ``RUN_DIR/.summary.lock``, so the last one to finish sees
+    every fold and writes the complete summary.
+    """
+    import fcntl
+
+    from momkd.train.loop import read_json, write_csv, write_json
+
+    with open(run_dir / ".summary.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        folds = finished_folds(run_dir)
+        results = [read_json(run_dir / f"fold_{f}" / "result.json") for f in folds]
+        summary = _summarise(cfg, run_dir, results, data_report, external, folds)
+        summary["timing"] = dict(timing)
+        summary["timing"]["fold_seconds"] = [float(r.get("seconds", 0.0)) for r in results]
+        if external is not None and "ensemble_rows" in summary:
+            write_csv(
+                run_dir / "external_predictions.csv",
+                summary.pop("ensemble_header"),
+                summary.pop("ensemble_rows"),
+            )
+        write_json(run_dir / "summary.json", summary)
+        summary = read_json(run_dir / "summary.json")
+        text = format_summary(summary) + "\n"
+        (run_dir / "summary.txt").write_text(text, encoding="utf-8")
     return summary  # type: ignore[no-any-return]
+
+
+def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Merge the finished folds of a run directory into ``summary.json`` and ``summary.txt``
+    (``momkd summarize``): after fold-parallel runs or a job array with one fold per task.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory written by :func:`train` (``config.yaml``, ``fold_<k>/result.json``).
+
+    Returns
+    -------
+    dict
+        The summary, as in :func:`train`.
+
+    Raises
+    ------
+    ConfigError
+        Not a run directory, or no finished fold.
+    """
+    from momkd.train.loop import read_json
+
+    run = Path(run_dir).expanduser().absolute()
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a momkd run directory (no config.yaml)")
+    if not finished_folds(run):
+        raise ConfigError(f"{run}: no finished fold (fold_<k>/result.json) to summarise")
+    cfg = load_config(run / "config.yaml")
+    if (run / "data.json").is_file():
+        data_report = read_json(run / "data.json")
+    else:
+        data_report = _load_inputs(cfg)[3]
+    external = _load_external(cfg)
+    if external is not None:
+        data_report["external"] = external[4]
+        external, _ = _external_units(cfg, external)
+    fold_s = [
+        float(read_json(run / f"fold_{f}" / "result.json").get("seconds", 0.0))
+        for f in finished_folds(run)
+    ]
+    timing = {"finished": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": sum(fold_s)}
+    return _write_summary(cfg, run, data_report, external, timing)
+
+
+def _external_units(cfg: RunConfig, external: Any) -> tuple[Any, dict[str, list[str]] | None]:
+    """With ``data.bag: patient``, the labelled external cohort as patient units (and their
+    slides); otherwise unchanged."""
+    if cfg.data.bag != "patient" or external is None or external[2] is None:
+        return external, None
+    ext_store, ext_ids, ext_labels, ext_cases, ext_report = external
+    assert cfg.data.external is not None
+    ext_members, ext_unit_labels = patient_units(
+        ext_ids, ext_labels, ext_cases, str(cfg.data.external.clinical)
+    )
+    units = (ext_store, list(ext_members), ext_unit_labels, {u: u for u in ext_members}, ext_report)
+    return units, ext_members
 
 
 def _run_folds(
@@ -384,10 +577,11 @@ def _run_folds(
     data_report: dict[str, Any],
     device: Any,
     show: bool,
+    dist: Any,
 ) -> dict[str, Any]:
-    from momkd.train.loop import FoldData, FoldTrainer, read_json, uses_expression
+    from momkd.train.loop import FoldData, FoldTrainer, uses_expression
 
-    splits = _splits(cfg, run_dir, table, resume)
+    splits = dist.on_main(lambda: _splits(cfg, run_dir, table, resume), "making the splits")
     folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
@@ -396,30 +590,14 @@ def _run_folds(
     label_of = table.label_of()
     case_of = table.case_of()
     members: dict[str, list[str]] | None = None
-    ext_members: dict[str, list[str]] | None = None
+    external, ext_members = _external_units(cfg, external)
     if cfg.data.bag == "patient":
         members, unit_labels = patient_units(table.slide_ids, label_of, case_of, str(table.path))
-        if external is not None and external[2] is not None:
-            ext_store, ext_ids, ext_labels, ext_cases, ext_report = external
-            ext_members, ext_unit_labels = patient_units(
-                ext_ids, ext_labels, ext_cases, str(cfg.data.external.clinical)
-            )
-            external = (
-                ext_store,
-                list(ext_members),
-                ext_unit_labels,
-                {u: u for u in ext_members},
-                ext_report,
-            )
-    results: list[dict[str, Any]] = []
-    fold_seconds: list[float] = []
     for fold in folds:
         fold_dir = run_dir / f"fold_{fold}"
         done = fold_dir / "result.json"
-        if resume and done.is_file():
+        if resume and dist.on_main(done.is_file, "looking for result.json"):
             log.info("fold %d: already finished, skipped", fold)
-            results.append(read_json(done))
-            fold_seconds.append(float(results[-1].get("seconds", 0.0)))
             continue
         split = splits[fold]
         if cfg.splits.train_fraction < 1.0:
@@ -462,14 +640,10 @@ def _run_folds(
             data.train, data.val, data.test = (
                 _units(part, case_of) for part in (split.train, split.val, split.test)
             )
-        trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show)
-        result = trainer.run(resume=resume)
-        results.append(read_json(done))
-        fold_seconds.append(float(result["seconds"]))
-
-    summary = _summarise(cfg, run_dir, results, data_report, external, folds)
-    summary["fold_seconds"] = fold_seconds
-    return summary
+        trainer = FoldTrainer(cfg, data, store, fold_dir, device=device, progress=show, dist=dist)
+        trainer.run(resume=resume)
+    # The summary merges every finished fold of the run directory (see _write_summary).
+    return {"external": external}
 
 
 def _units(slides: Sequence[str], case_of: Mapping[str, str]) -> list[str]:

@@ -55,6 +55,19 @@ class FeatureStats:
         self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
         self.n = n
 
+    def merge(self, other: FeatureStats) -> None:
+        """Add the rows summarised by ``other`` (statistics of another rank's share)."""
+        if other.n == 0:
+            return
+        if self.n == 0:
+            self.n, self.mean, self.m2 = other.n, other.mean.copy(), other.m2.copy()
+            return
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.n / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        self.n = n
+
     @property
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof 0), (D,) float64."""
