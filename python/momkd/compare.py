@@ -198,7 +198,7 @@ def _run_name(spec: MethodSpec, fraction: float) -> str:
 def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
     """Write the common split files once (or keep those of an earlier call)."""
     from momkd.data.clinical import load_clinical, load_expression, require_cases
-    from momkd.train.splits import make_splits, read_splits, resolve_splits, write_splits
+    from momkd.train.runner import run_splits
 
     folder = out / "splits"
     if folder.is_dir() and any(folder.glob("splits_*.csv")):
@@ -207,7 +207,13 @@ def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
     base.require_inputs()
     d = base.data
     table = load_clinical(
-        d.clinical, d.case_column, d.slide_column, d.label_column, d.positive, d.negative
+        d.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
     )
     if any(s.method in ("momkd", "batchkd") for s in specs):
         # Splits over the slides every method can use: those of patients with expression.
@@ -220,24 +226,9 @@ def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
             is_log=d.expression_is_log,
         )
         table, _ = require_cases(table, expression, skip_missing=d.skip_missing)
-    if base.splits.dir is not None:
-        splits = resolve_splits(
-            read_splits(base.splits.dir),
-            table.slide_ids,
-            table.case_ids,
-            ignore=list(table.dropped),
-            source=base.splits.dir,
-        )
-    else:
-        splits = make_splits(
-            table.case_ids,
-            table.labels,
-            k=base.splits.k,
-            val_fraction=base.splits.val_fraction,
-            seed=base.splits.seed,
-            slide_ids=table.slide_ids,
-        )
-    write_splits(splits, folder)
+    # The same rule as `momkd train`: user split files resolved against the table, else new ones;
+    # written to OUT/splits and handed to every method's run through splits.dir.
+    run_splits(base, out, table, resume=False)
     return folder
 
 

@@ -266,7 +266,9 @@ def _load_external(
     return store, list(table.slide_ids), table.label_of(), table.case_of(), report
 
 
-def _splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool) -> list[Split]:
+def run_splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool) -> list[Split]:
+    """The folds of a run, written to ``run_dir/splits``: the run's own files on resume, else the
+    user's ``splits.dir`` resolved against ``table``, else new seeded splits."""
     split_dir = run_dir / "splits"
     ignore = list(table.dropped)
     if resume and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
@@ -455,7 +457,7 @@ def prepare_run(
     if not (resume and (run_dir / "config.yaml").is_file()):
         save_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "data.json", data_report)
-    splits = _splits(cfg, run_dir, table, resume)
+    splits = run_splits(cfg, run_dir, table, resume)
     folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
     done = set(finished_folds(run_dir))
     return run_dir, [f for f in folds if f not in done]
@@ -581,7 +583,7 @@ def _run_folds(
 ) -> dict[str, Any]:
     from momkd.train.loop import FoldData, FoldTrainer, uses_expression
 
-    splits = dist.on_main(lambda: _splits(cfg, run_dir, table, resume), "making the splits")
+    splits = dist.on_main(lambda: run_splits(cfg, run_dir, table, resume), "making the splits")
     folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
