@@ -666,8 +666,9 @@ def _open_existing(
         raise IngestError(
             f"output {out}: already exists (a complete store); pass --overwrite to replace it"
         )
-    state = header.get("ingest") if isinstance(header.get("ingest"), dict) else {}
-    old = (state.get("meta") or {}) if isinstance(state, dict) else {}
+    raw_state = header.get("ingest")
+    state: dict[str, Any] = raw_state if isinstance(raw_state, dict) else {}
+    old = state.get("meta") or {}
     if old.get("fingerprint") != meta["fingerprint"]:
         raise IngestError(
             f"output {out}: an interrupted ingest from other source files or settings "

@@ -88,10 +88,12 @@ def _pinned(bag: Bag) -> Bag:
     )
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def _check_int(name: str, value: Any, minimum: int) -> int:
     return check_count(name, value, minimum, "BagLoader")
+
+
+def _check_opt_int(name: str, value: Any, minimum: int) -> int | None:
+    return None if value is None else _check_int(name, value, minimum)
 
 
 class BagLoader:
@@ -187,8 +189,8 @@ class BagLoader:
         self._indices = np.asarray([self.store.index_of(s) for s in self.slide_ids], dtype=np.int64)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.max_patches = _check_int("max_patches", max_patches, 1, allow_none=True)
-        self.knn_k = _check_int("knn_k", knn_k, 1, allow_none=True)
+        self.max_patches = _check_opt_int("max_patches", max_patches, 1)
+        self.knn_k = _check_opt_int("knn_k", knn_k, 1)
         if num_threads is None:
             num_threads = min(4, os.cpu_count() or 1)
         self.num_threads = _check_int("num_threads", num_threads, 1)
