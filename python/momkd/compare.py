@@ -197,35 +197,17 @@ def _run_name(spec: MethodSpec, fraction: float) -> str:
 
 def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
     """Write the common split files once (or keep those of an earlier call)."""
-    from momkd.data.clinical import load_clinical, load_expression, require_cases
-    from momkd.train.runner import run_splits
+    from momkd.train.runner import load_clinical_table, run_splits, with_expression
 
     folder = out / "splits"
     if folder.is_dir() and any(folder.glob("splits_*.csv")):
         log.info("compare: reusing the split files in %s", folder)
         return folder
     base.require_inputs()
-    d = base.data
-    table = load_clinical(
-        d.clinical,
-        d.case_column,
-        d.slide_column,
-        d.label_column,
-        d.positive,
-        d.negative,
-        case_insensitive=d.label_case_insensitive,
-    )
+    table = load_clinical_table(base)
     if any(s.method in ("momkd", "batchkd") for s in specs):
         # Splits over the slides every method can use: those of patients with expression.
-        if d.expression is None:
-            raise ConfigError("data.expression: required by momkd and batchkd, not set")
-        expression = load_expression(
-            d.expression,
-            d.expression_orientation,
-            case_ids=list(dict.fromkeys(table.case_ids)),
-            is_log=d.expression_is_log,
-        )
-        table, _ = require_cases(table, expression, skip_missing=d.skip_missing)
+        table, _, _ = with_expression(base, table)
     # The same rule as `momkd train`: user split files resolved against the table, else new ones;
     # written to OUT/splits and handed to every method's run through splits.dir.
     run_splits(base, out, table, resume=False)

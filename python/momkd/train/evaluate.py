@@ -359,16 +359,8 @@ def format_eval(result: Mapping[str, Any]) -> str:
         lines.append(
             "excluded labels: " + ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items())
         )
-    cols = (
-        "auc",
-        "auprc",
-        "accuracy",
-        "balanced_accuracy",
-        "f1",
-        "thr_accuracy",
-        "thr_balanced_accuracy",
-        "thr_f1",
-    )
+    from momkd.train.runner import METRIC_COLUMNS as cols
+
     widths = [max(5, len(c)) for c in cols]  # full column names, never cut
 
     def row(label: str, values: Mapping[str, Any]) -> str:

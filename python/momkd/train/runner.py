@@ -171,6 +171,47 @@ def _check_in_store(table: ClinicalTable, store: Any, store_path: Path) -> None:
         )
 
 
+def load_clinical_table(cfg: RunConfig) -> ClinicalTable:
+    """The configured clinical table with its label mapping (``data.*`` keys)."""
+    d = cfg.data
+    assert d.clinical is not None
+    return load_clinical(
+        d.clinical,
+        d.case_column,
+        d.slide_column,
+        d.label_column,
+        d.positive,
+        d.negative,
+        case_insensitive=d.label_case_insensitive,
+    )
+
+
+def with_expression(
+    cfg: RunConfig, table: ClinicalTable
+) -> tuple[ClinicalTable, Expression, list[str]]:
+    """Load the expression matrix for ``table``'s patients and keep the slides of patients that
+    have expression (``data.skip_missing``), as methods trained with expression need.
+
+    Raises
+    ------
+    ConfigError
+        ``data.expression`` is not set.
+    DataError
+        Patients without expression (unless skipped).
+    """
+    d = cfg.data
+    if d.expression is None:
+        raise ConfigError("data.expression: required by momkd and batchkd, not set")
+    expression = load_expression(
+        d.expression,
+        d.expression_orientation,
+        case_ids=list(dict.fromkeys(table.case_ids)),
+        is_log=d.expression_is_log,
+    )
+    table, skipped = require_cases(table, expression, skip_missing=d.skip_missing)
+    return table, expression, skipped
+
+
 def _load_inputs(
     cfg: RunConfig,
 ) -> tuple[Any, ClinicalTable, Expression | None, dict[str, Any]]:
@@ -180,15 +221,7 @@ def _load_inputs(
     d = cfg.data
     assert d.store is not None and d.clinical is not None
     store = CohortStore.open(d.store)
-    table = load_clinical(
-        d.clinical,
-        d.case_column,
-        d.slide_column,
-        d.label_column,
-        d.positive,
-        d.negative,
-        case_insensitive=d.label_case_insensitive,
-    )
+    table = load_clinical_table(cfg)
     _check_in_store(table, store, d.store)
     if cfg.model.method == "momkd":  # the only method whose encoder reads the patch graph
         store.warn_grid_coords(table.slide_ids, "method momkd")
@@ -196,14 +229,7 @@ def _load_inputs(
     skipped: list[str] = []
     n_before = len(table)
     if cfg.model.method in ("momkd", "batchkd"):
-        assert d.expression is not None
-        expression = load_expression(
-            d.expression,
-            d.expression_orientation,
-            case_ids=list(dict.fromkeys(table.case_ids)),
-            is_log=d.expression_is_log,
-        )
-        table, skipped = require_cases(table, expression, skip_missing=d.skip_missing)
+        table, expression, skipped = with_expression(cfg, table)
     labels = table.labels
     report = {
         "store": str(d.store),
@@ -893,7 +919,8 @@ def _pm(mean: Mapping[str, Any], std: Mapping[str, Any], key: str) -> str:
     return f"{_fmt(mean.get(key))} ± {_fmt(std.get(key))}"
 
 
-_COLS = (
+#: Metric columns of the per-fold tables in ``summary.txt`` and ``momkd eval`` (full names).
+METRIC_COLUMNS = (
     "auc",
     "auprc",
     "accuracy",
@@ -948,9 +975,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"{skipped['patients']} patients"
             )
     # Each column is as wide as its full name (names are never cut) and at least 5 wide.
-    widths = [max(5, len(c)) for c in _COLS]
+    widths = [max(5, len(c)) for c in METRIC_COLUMNS]
     head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
-        f"{c:>{w}}" for c, w in zip(_COLS, widths, strict=True)
+        f"{c:>{w}}" for c, w in zip(METRIC_COLUMNS, widths, strict=True)
     )
     lines.append("")
     lines.append("test metrics per fold (thr_*: at the F1 threshold chosen on validation)")
@@ -960,7 +987,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{r.get('fold', '?'):>4} {r.get('epochs', '?'):>6} {r.get('best_epoch', '?'):>4} "
             f"{_fmt((r.get('val') or {}).get('auc')):>7} {_fmt(r.get('threshold'), 2):>5} "
-            + " ".join(f"{_fmt(test.get(c)):>{w}}" for c, w in zip(_COLS, widths, strict=True))
+            + " ".join(
+                f"{_fmt(test.get(c)):>{w}}" for c, w in zip(METRIC_COLUMNS, widths, strict=True)
+            )
         )
     mean, std = summary.get("mean") or {}, summary.get("std") or {}
     lines.append("")
