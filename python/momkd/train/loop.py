@@ -80,7 +80,6 @@ from momkd.train.standardize import FeatureStats, attach_standardizer, fit_featu
 
 __all__ = [
     "METHODS",
-    "EarlyStopping",
     "FoldData",
     "Monitor",
     "FoldTrainer",
@@ -662,10 +661,6 @@ class Monitor:
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
         self.plateau_bad = int(state.get("plateau_bad", 0))
-
-
-#: The former name of :class:`Monitor`.
-EarlyStopping = Monitor
 
 
 # --------------------------------------------------------------------------------- fold trainer
