@@ -14,6 +14,11 @@ VENV="${MOMKD_VENV:-.venv}"
 job="${1:-setup}"
 shift || true
 
+# In CI, keep no copy of the downloaded wheels (torch with its CUDA libraries is several GB): the
+# environment is built once, and a full pip cache beside it can exhaust a small disk.
+if [ "${CI:-}" = "true" ]; then
+  export PIP_NO_CACHE_DIR=1
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
