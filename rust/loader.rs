@@ -6,21 +6,23 @@
 //! The consumer receives results strictly in the order of the index list. Dropping the prefetcher
 //! sets a cancel flag so queued jobs return at once, and drops the pool, whose threads then exit.
 //!
-//! Reading ahead is separate from decoding: a dedicated I/O thread asks the kernel
-//! (`posix_fadvise(WILLNEED)`) to start reading the chunks of the next `readahead` bags beyond the
-//! ones being decoded, so that on a cold page cache many reads are in flight whatever the number of
-//! decoding threads, and the decoding threads find their chunks in memory.
+//! Reading ahead is separate from decoding: [`ReadAhead::threads`] I/O threads ask the kernel
+//! (`posix_fadvise(WILLNEED)`) to read the chunk files of the next [`ReadAhead::bags`] bags beyond
+//! the ones being decoded, file by file from one shared queue. On Linux that call returns only once
+//! its reads are issued, which on a cold page cache takes about as long as the read itself; several
+//! I/O threads therefore keep several reads in flight whatever the number of decoding threads, and
+//! the decoding threads find their chunks in memory.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{catch_panics, Error, Result};
 use crate::knn::{knn_edges, pairs_from_i64};
-use crate::store::{CohortStore, FeatureBuf, OutDtype};
+use crate::store::{CohortStore, FeatureBuf, FileRange, OutDtype};
 
 /// A bag ready for the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +54,23 @@ pub struct LoadOptions {
     pub knn_k: Option<usize>,
     /// Data type the features are handed over in.
     pub dtype: OutDtype,
+}
+
+/// How far, and with how many I/O threads, a [`Prefetcher`] reads ahead of its decoding threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAhead {
+    /// Bags beyond the ones submitted for decoding whose chunk files are requested (`0`: off).
+    pub bags: usize,
+    /// I/O threads issuing the requests (reads in flight at once).
+    pub threads: usize,
+}
+
+impl ReadAhead {
+    /// No reading ahead.
+    pub const OFF: ReadAhead = ReadAhead {
+        bags: 0,
+        threads: 0,
+    };
 }
 
 /// Build a rayon pool of `num_threads` named worker threads.
@@ -112,8 +131,8 @@ pub struct Prefetcher {
     readahead: usize,
     /// Position in `indices` of the next bag to advise.
     next_advise: usize,
-    /// Feeds the read-ahead thread (absent when `readahead == 0`).
-    advise_tx: Option<Sender<usize>>,
+    /// Feeds the read-ahead I/O threads (absent when reading ahead is off).
+    advise_tx: Option<Sender<FileRange>>,
 }
 
 impl Prefetcher {
@@ -129,20 +148,22 @@ impl Prefetcher {
         prefetch: usize,
         opts: LoadOptions,
     ) -> Result<Prefetcher> {
-        Prefetcher::with_readahead(store, indices, num_threads, prefetch, 0, opts)
+        Prefetcher::with_readahead(store, indices, num_threads, prefetch, ReadAhead::OFF, opts)
     }
 
-    /// Like [`Prefetcher::new`], and keep the chunks of up to `readahead` further bags (beyond the
-    /// `prefetch` being decoded) requested from the kernel by a dedicated I/O thread.
+    /// Like [`Prefetcher::new`], and keep the chunk files of up to `readahead.bags` further bags
+    /// (beyond the `prefetch` being decoded) requested from the kernel by `readahead.threads` I/O
+    /// threads.
     ///
     /// # Errors
-    /// As [`Prefetcher::new`]; [`Error::Internal`] when the I/O thread cannot be started.
+    /// As [`Prefetcher::new`]; [`Error::Config`] for `readahead.bags > 0` with no I/O thread;
+    /// [`Error::Internal`] when an I/O thread cannot be started.
     pub fn with_readahead(
         store: Arc<CohortStore>,
         indices: Vec<usize>,
         num_threads: usize,
         prefetch: usize,
-        readahead: usize,
+        readahead: ReadAhead,
         opts: LoadOptions,
     ) -> Result<Prefetcher> {
         if prefetch == 0 {
@@ -156,22 +177,35 @@ impl Prefetcher {
         }
         let pool = Arc::new(build_pool(num_threads, "momkd-loader")?);
         let cancel = Arc::new(AtomicBool::new(false));
-        let advise_tx = if readahead > 0 && !indices.is_empty() {
-            let (tx, rx) = channel::<usize>();
-            let st = Arc::clone(&store);
-            let stop = Arc::clone(&cancel);
-            std::thread::Builder::new()
-                .name("momkd-readahead".into())
-                .spawn(move || {
-                    // Ends when the prefetcher (the sender) is dropped.
-                    while let Ok(index) = rx.recv() {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
+        if readahead.bags > 0 && readahead.threads == 0 {
+            return Err(Error::Config(
+                "read-ahead needs at least 1 I/O thread (io_threads), or readahead=0".into(),
+            ));
+        }
+        let advise_tx = if readahead.bags > 0 && !indices.is_empty() {
+            let (tx, rx) = channel::<FileRange>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..readahead.threads {
+                let rx = Arc::clone(&rx);
+                let stop = Arc::clone(&cancel);
+                std::thread::Builder::new()
+                    .name(format!("momkd-readahead-{i}"))
+                    .spawn(move || loop {
+                        // Ends when the prefetcher (the sender) is dropped and the queue is empty.
+                        let next = match rx.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => break,
+                        };
+                        match next {
+                            Ok(range) if !stop.load(Ordering::Relaxed) => range.will_need(),
+                            Ok(_) => {} // stopped: drain the queue without reading
+                            Err(_) => break,
                         }
-                        st.advise(index);
-                    }
-                })
-                .map_err(|e| Error::Internal(format!("cannot start the read-ahead thread: {e}")))?;
+                    })
+                    .map_err(|e| {
+                        Error::Internal(format!("cannot start a read-ahead thread: {e}"))
+                    })?;
+            }
             Some(tx)
         } else {
             None
@@ -186,7 +220,7 @@ impl Prefetcher {
             next_submit: 0,
             cancel,
             finished: false,
-            readahead,
+            readahead: readahead.bags,
             next_advise: 0,
             advise_tx,
         };
@@ -210,8 +244,10 @@ impl Prefetcher {
             let submit = self.prefetch.saturating_sub(self.pending.len());
             let until = (self.next_submit + submit + self.readahead).min(self.indices.len());
             while self.next_advise < until {
-                // A send fails only when the thread is gone; reading then simply goes on without.
-                let _ = tx.send(self.indices[self.next_advise]);
+                for range in self.store.file_ranges(self.indices[self.next_advise]) {
+                    // A send fails only when the threads are gone; reading then goes on without.
+                    let _ = tx.send(range);
+                }
                 self.next_advise += 1;
             }
         }
@@ -331,11 +367,20 @@ mod tests {
             dtype: OutDtype::F16,
             ..OPTS
         };
-        let half: Vec<Bag> =
-            Prefetcher::with_readahead(Arc::clone(&store), order.clone(), 2, 2, 3, opts)
-                .unwrap()
-                .map(|b| b.unwrap())
-                .collect();
+        let half: Vec<Bag> = Prefetcher::with_readahead(
+            Arc::clone(&store),
+            order.clone(),
+            2,
+            2,
+            ReadAhead {
+                bags: 3,
+                threads: 2,
+            },
+            opts,
+        )
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
         assert_eq!(half.len(), plain.len());
         for (h, p) in half.iter().zip(&plain) {
             assert_eq!(h.index, p.index);
@@ -350,6 +395,21 @@ mod tests {
                 .map(|v| v.to_f32())
                 .collect();
             assert_eq!(p.features, widened);
+        }
+    }
+
+    #[test]
+    fn readahead_needs_an_io_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let ra = ReadAhead {
+            bags: 2,
+            threads: 0,
+        };
+        match Prefetcher::with_readahead(store, vec![0, 1], 1, 1, ra, OPTS) {
+            Err(Error::Config(m)) => assert!(m.contains("io_threads"), "{m}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("read-ahead without I/O threads was accepted"),
         }
     }
 

@@ -22,7 +22,7 @@ use crate::convert::{
 };
 use crate::error::{catch_panics, Error};
 use crate::knn::knn_edges;
-use crate::loader::{build_pool, Bag, LoadOptions, Prefetcher};
+use crate::loader::{build_pool, Bag, LoadOptions, Prefetcher, ReadAhead};
 use crate::store::{CohortStore, FeatureBuf, OutDtype};
 
 const MODULE: &str = "momkd._core";
@@ -290,6 +290,16 @@ impl PyStore {
         Ok(self.inner.index_of(slide_id)?)
     }
 
+    /// The file byte ranges `(path, offset, length)` that reading slide `index` touches (length
+    /// `0`: to the end of the file); what the read-ahead threads request. Empty out of range.
+    fn file_ranges(&self, index: usize) -> Vec<(String, u64, u64)> {
+        self.inner
+            .file_ranges(index)
+            .into_iter()
+            .map(|r| (r.path.to_string_lossy().into_owned(), r.offset, r.len))
+            .collect()
+    }
+
     /// CSR offsets, int64 `(S + 1,)`.
     fn offsets<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<i64>> {
         self.inner.offsets().to_vec().into_pyarray(py)
@@ -350,8 +360,9 @@ pub struct PyBagPrefetcher {
 impl PyBagPrefetcher {
     #[new]
     #[pyo3(signature = (store, indices, *, num_threads = 2, prefetch = 4, max_patches = None,
-                        seed = 0, epoch = 0, knn_k = Some(8), dtype = "float32", readahead = 0),
-           text_signature = "(store, indices, *, num_threads=2, prefetch=4, max_patches=None, seed=0, epoch=0, knn_k=8, dtype='float32', readahead=0)")]
+                        seed = 0, epoch = 0, knn_k = Some(8), dtype = "float32", readahead = 0,
+                        io_threads = 8),
+           text_signature = "(store, indices, *, num_threads=2, prefetch=4, max_patches=None, seed=0, epoch=0, knn_k=8, dtype='float32', readahead=0, io_threads=8)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         store: &Bound<'_, PyStore>,
@@ -364,6 +375,7 @@ impl PyBagPrefetcher {
         knn_k: Option<i64>,
         dtype: &str,
         readahead: i64,
+        io_threads: i64,
     ) -> PyResult<PyBagPrefetcher> {
         let st = Arc::clone(&store.get().inner);
         let idx = indices
@@ -393,7 +405,10 @@ impl PyBagPrefetcher {
             idx,
             non_negative(num_threads, "num_threads")?,
             non_negative(prefetch, "prefetch")?,
-            non_negative(readahead, "readahead")?,
+            ReadAhead {
+                bags: non_negative(readahead, "readahead")?,
+                threads: non_negative(io_threads, "io_threads")?,
+            },
             opts,
         )?;
         Ok(PyBagPrefetcher {

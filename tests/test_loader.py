@@ -71,6 +71,21 @@ def test_bags_equal_direct_reads(cohort):
     assert seen == store.slide_ids
 
 
+@pytest.mark.parametrize(("readahead", "io_threads"), [(0, 1), (1, 1), (6, 3), (50, 8)])
+def test_readahead_settings_yield_the_same_bags(cohort, readahead, io_threads):
+    path, bags = cohort
+    order = ["s05", "s01", "s07", "s01", "s00"]
+    loader = BagLoader(
+        path, slide_ids=order, knn_k=None, readahead=readahead, io_threads=io_threads, prefetch=1
+    )
+    got = [(b.slide_id, b.features.numpy(), b.coords.numpy()) for b in loader]
+    assert [g[0] for g in got] == order
+    for sid, feats, coords in got:
+        f, c = bags[sid]
+        np.testing.assert_array_equal(feats, f.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(coords, c)
+
+
 def test_path_and_subset_in_given_order(cohort):
     path, _ = cohort
     wanted = ["s07", "s00", "s03"]
@@ -88,7 +103,14 @@ def test_unknown_slide_id_at_construction(cohort):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"rank": 2, "world_size": 2}, {"world_size": 0}, {"max_patches": 0}, {"num_threads": 0}]
+    "kw",
+    [
+        {"rank": 2, "world_size": 2},
+        {"world_size": 0},
+        {"max_patches": 0},
+        {"num_threads": 0},
+        {"io_threads": 0},
+    ],
 )
 def test_bad_options(cohort, kw):
     with pytest.raises(ConfigError):

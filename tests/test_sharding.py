@@ -93,6 +93,29 @@ def test_reads_zarr_python_sharded_store_bit_exactly(tmp_path):
         assert np.array_equal(bag.features.numpy(), direct.features)
 
 
+def _shard_index(shard: Path, n_inner: int) -> np.ndarray:
+    """``(offset, nbytes)`` of each inner chunk, parsed by hand from the end of a shard file
+    (index at the end, little-endian uint64 pairs, then its 4-byte crc32c)."""
+    raw = shard.read_bytes()
+    return np.frombuffer(raw[-(16 * n_inner + 4) : -4], dtype="<u8").reshape(n_inner, 2)
+
+
+def test_readahead_requests_exactly_the_inner_chunks_a_read_touches(tmp_path):
+    path = write_with_zarr_python(tmp_path / "s.zarr", _bags())
+    store = CohortStore.open(path)
+    off = store.offsets
+    for i in range(len(SIZES)):
+        want = []
+        for array in ("features", "coords"):
+            for chunk in range(off[i] // 16, (off[i + 1] - 1) // 16 + 1):
+                shard = path / array / "c" / str(chunk // 4) / "0"
+                start, size = _shard_index(shard, 4)[chunk % 4]
+                want.append((shard.resolve(), int(start), int(size)))
+        got = [(Path(p).resolve(), o, n) for p, o, n in store.core.file_ranges(i)]
+        assert got == want, store.slide_ids[i]
+    assert store.core.file_ranges(len(SIZES)) == []
+
+
 def test_momkd_writes_sharded_stores_zarr_python_reads(tmp_path):
     bags = _bags(1)
     path = tmp_path / "w.zarr"

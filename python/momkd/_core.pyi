@@ -117,6 +117,11 @@ class Store:
             The store has no such slide (the message names the store and the id).
         """
 
+    def file_ranges(self, index: int) -> list[tuple[str, int, int]]:
+        """The file byte ranges ``(path, offset, length)`` that reading slide ``index`` touches
+        (length ``0``: to the end of the file), one per chunk file or inner chunk of a shard: what
+        the loader's read-ahead threads request. Empty for an index outside the store."""
+
     def offsets(self) -> npt.NDArray[np.int64]:
         """CSR offsets, int64 ``(S + 1,)``: slide ``i`` owns rows ``offsets[i]:offsets[i + 1]``."""
 
@@ -168,9 +173,9 @@ class BagPrefetcher:
 
     Up to ``prefetch`` bags are read (and their k-NN graphs built) on a pool of ``num_threads``
     threads owned by this object, with the GIL released. Dropping the iterator early cancels the
-    queued work. With ``readahead > 0`` a separate I/O thread asks the kernel to read the chunks of
-    that many further bags (``posix_fadvise(WILLNEED)``), so a cold page cache is read with many
-    requests in flight.
+    queued work. With ``readahead > 0``, ``io_threads`` separate I/O threads ask the kernel to read
+    the chunk files of that many further bags (``posix_fadvise(WILLNEED)``), so a cold page cache
+    is read with several requests in flight.
     """
 
     def __new__(
@@ -186,6 +191,7 @@ class BagPrefetcher:
         knn_k: int | None = 8,
         dtype: str = "float32",
         readahead: int = 0,
+        io_threads: int = 8,
     ) -> BagPrefetcher:
         """Start reading the first bags.
 

@@ -136,10 +136,14 @@ class BagLoader:
         Copy each bag's tensors into page-locked memory so that host-to-GPU copies can run
         asynchronously (``tensor.to(device, non_blocking=True)``). Ignored without CUDA.
     readahead : int, optional
-        Bags beyond the ``prefetch`` being decoded whose chunks a dedicated I/O thread asks the
-        kernel to read (``posix_fadvise(WILLNEED)``), so that a cold page cache is read with many
-        requests in flight whatever ``num_threads`` is. ``0`` turns it off; default
+        Bags beyond the ``prefetch`` being decoded whose chunk files the I/O threads ask the
+        kernel to read (``posix_fadvise(WILLNEED)``), so that a cold page cache is read with
+        several requests in flight whatever ``num_threads`` is. ``0`` turns it off; default
         ``max(8, 2 * prefetch)``. Costs page cache, not process memory.
+    io_threads : int
+        Threads issuing those requests (reads in flight at once; default 8). On Linux a request
+        returns only once its reads are issued, so one thread reads at about a single stream's
+        speed; a few keep a disk's queue busy. Idle threads cost nothing.
     cache : BagCache, optional
         A cohort cache of this store (:mod:`momkd.data.cache`): bags it holds are served from host
         or GPU memory; bags it does not hold are read whole, added to it (within its budget) and
@@ -171,6 +175,7 @@ class BagLoader:
         dtype: str = "float32",
         pin_memory: bool = False,
         readahead: int | None = None,
+        io_threads: int = 8,
         cache: BagCache | None = None,
     ) -> None:
         self.store = store if isinstance(store, CohortStore) else CohortStore.open(store)
@@ -212,6 +217,7 @@ class BagLoader:
         if readahead is None:
             readahead = max(8, 2 * self.prefetch)
         self.readahead = _check_int("readahead", readahead, 0)
+        self.io_threads = _check_int("io_threads", io_threads, 1)
         if cache is not None and cache.store_path != self.store.path:
             raise ConfigError(
                 f"BagLoader: the cache belongs to store {cache.store_path}, not {self.store.path}"
@@ -277,6 +283,7 @@ class BagLoader:
             knn_k=self.knn_k,
             dtype=self.dtype,
             readahead=self.readahead,
+            io_threads=self.io_threads,
         )
         pin = self.pin_memory and torch.cuda.is_available()
         for pos, expected in zip(positions, store_indices, strict=True):
@@ -319,6 +326,7 @@ class BagLoader:
                 knn_k=self.knn_k,
                 dtype=cache.dtype,
                 readahead=self.readahead,
+                io_threads=self.io_threads,
             )
 
         def serve(entry: CachedBag, index: int) -> tuple[Any, Any, Any]:
