@@ -160,6 +160,49 @@ def test_auto_chooses_by_free_memory(monkeypatch):
         choose_cache("gpu", 1, device="cpu")
 
 
+def test_processes_on_one_machine_split_the_budget(monkeypatch, caplog):
+    gb = 10**9
+    monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: 100 * gb)
+    monkeypatch.setattr(
+        cache_mod, "free_device_bytes", lambda device: 80 * gb if device == "cuda" else 0
+    )
+    for key in ("MOMKD_HOST_PROCESSES", "LOCAL_WORLD_SIZE", "MOMKD_DEVICE_PROCESSES"):
+        monkeypatch.delenv(key, raising=False)
+    assert cache_mod.host_processes() == 1 and cache_mod.device_processes() == 1
+    # Four ranks under torchrun: each may take a quarter of the host's safe half.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cache_mod.host_processes() == 4
+    assert choose_cache("host", 1, device="cpu") == ("host", 12_500_000_000)
+    with caplog.at_level("INFO", logger="momkd.data.cache"):
+        assert choose_cache("auto", 13 * gb, device="cpu") == ("none", 0)  # 13 > 50 / 4
+    assert "4 processes share this machine" in caplog.text
+    assert choose_cache("auto", 12 * gb, device="cpu") == ("host", 12_500_000_000)
+    # The GPU is each rank's own: the device budget is not split ...
+    assert choose_cache("auto", 30 * gb, device="cuda") == ("device", 40 * gb)
+    # ... unless processes share it (fold-parallel with more folds than GPUs).
+    monkeypatch.setenv("MOMKD_DEVICE_PROCESSES", "2")
+    assert choose_cache("auto", 25 * gb, device="cuda") == ("none", 0)  # > 80 / 2 / 2, > 12.5
+    assert choose_cache("auto", 15 * gb, device="cuda") == ("device", 20 * gb)
+    # The fold-parallel count wins over torchrun's; explicit shares win over both.
+    monkeypatch.setenv("MOMKD_HOST_PROCESSES", "2")
+    assert choose_cache("host", 1, device="cpu") == ("host", 25 * gb)
+    assert choose_cache("host", 1, device="cpu", host_share=1) == ("host", 50 * gb)
+    monkeypatch.setenv("MOMKD_HOST_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="MOMKD_HOST_PROCESSES"):
+        choose_cache("host", 1, device="cpu")
+
+
+def test_fold_parallel_processes_declare_their_share(monkeypatch):
+    from momkd.train import fold_parallel
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    env, _args = fold_parallel._device_env(0, 3)
+    assert env["MOMKD_HOST_PROCESSES"] == "3"
+    assert "LOCAL_WORLD_SIZE" not in env
+    if torch.cuda.is_available():
+        assert int(env["MOMKD_DEVICE_PROCESSES"]) == -(-3 // torch.cuda.device_count())
+
+
 def test_shared_cache_is_one_per_store_and_auto_logs(stores, monkeypatch, caplog):
     store = CohortStore.open(stores["float16"][0])
     monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: 10**12)

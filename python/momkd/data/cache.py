@@ -18,7 +18,13 @@ Where the cache lives (``data.cache``):
 
 ``data.cache_gb`` caps the cache; bags that would exceed the cap (or the safe fraction of free
 memory) are read from the store every epoch. Under data parallelism every rank caches the bags it
-reads (its shard of each epoch): up to the whole cohort per rank over several epochs.
+reads (its shard of each epoch): up to the whole cohort per rank over several epochs. Processes on
+one machine split the safe fraction between them: the host budget of each is
+:data:`HOST_FRACTION` / :func:`host_processes` of the available RAM (``LOCAL_WORLD_SIZE`` ranks
+under ``torchrun``, the concurrent fold processes of ``--fold-parallel``), and processes sharing one
+GPU split its :data:`DEVICE_FRACTION` likewise (:func:`device_processes`). Caches are not shared
+between processes; the page cache is, so several ranks on one machine whose cohort does not fit in
+RAM once per rank read a warm store instead (``data.cache: none``).
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ __all__ = [
     "CachedBag",
     "choose_cache",
     "cohort_bytes",
+    "device_processes",
     "free_device_bytes",
     "free_host_bytes",
+    "host_processes",
     "serve_bag",
     "shared_cache",
 ]
@@ -121,12 +129,37 @@ def free_device_bytes(device: torch.device | str | None) -> int:
     return int(free)
 
 
+def _env_count(*names: str) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
+    return 1
+
+
+def host_processes() -> int:
+    """Training processes on this machine that share its RAM: ``MOMKD_HOST_PROCESSES`` (set by
+    ``--fold-parallel``), else ``LOCAL_WORLD_SIZE`` (set by ``torchrun``), else 1."""
+    return _env_count("MOMKD_HOST_PROCESSES", "LOCAL_WORLD_SIZE")
+
+
+def device_processes() -> int:
+    """Training processes sharing this process's GPU: ``MOMKD_DEVICE_PROCESSES`` (set by
+    ``--fold-parallel`` when folds outnumber GPUs), else 1 (``torchrun`` gives each rank its own)."""
+    return _env_count("MOMKD_DEVICE_PROCESSES")
+
+
 def choose_cache(
     kind: str,
     need_bytes: int,
     *,
     device: torch.device | str | None,
     cache_gb: float | None = None,
+    host_share: int | None = None,
+    device_share: int | None = None,
 ) -> tuple[str, int]:
     """Resolve ``kind`` (``none | host | device | auto``) to a cache location and a byte budget.
 
@@ -139,6 +172,9 @@ def choose_cache(
         The training device (``device`` needs a CUDA device).
     cache_gb : float, optional
         Upper limit in GB (1e9 bytes).
+    host_share, device_share : int, optional
+        Processes sharing the host RAM / the GPU (default :func:`host_processes`,
+        :func:`device_processes`): each gets that part of the safe fraction.
 
     Returns
     -------
@@ -155,10 +191,18 @@ def choose_cache(
     if cache_gb is not None and cache_gb <= 0:
         raise ConfigError(f"data.cache_gb must be > 0 or null, got {cache_gb!r}")
     cap = None if cache_gb is None else int(cache_gb * 1e9)
+    host_n = host_processes() if host_share is None else max(1, int(host_share))
+    dev_n = device_processes() if device_share is None else max(1, int(device_share))
+    host_fraction = HOST_FRACTION / host_n
+    device_fraction = DEVICE_FRACTION / dev_n
 
     def budget(free: int, fraction: float) -> int:
         room = int(free * fraction)
         return room if cap is None else min(room, cap)
+
+    def share(fraction: float, n: int, of: str) -> str:
+        per = "" if n == 1 else f" / {n} processes"
+        return f"{fraction * n * 100:.0f}% of {of}{per}"
 
     if kind == "none":
         return "none", 0
@@ -166,35 +210,37 @@ def choose_cache(
         free = free_device_bytes(device)
         if free <= 0:
             raise ConfigError(f"data.cache: device needs a CUDA training device, got {device}")
-        return "device", budget(free, DEVICE_FRACTION)
+        return "device", budget(free, device_fraction)
     if kind == "host":
-        return "host", budget(free_host_bytes(), HOST_FRACTION)
+        return "host", budget(free_host_bytes(), host_fraction)
     gb = need_bytes / 1e9
-    dev_budget = budget(free_device_bytes(device), DEVICE_FRACTION)
+    dev_budget = budget(free_device_bytes(device), device_fraction)
     if need_bytes <= dev_budget:
         logger.info(
-            "data.cache auto: device (cohort %.2f GB <= %.2f GB, %.0f%% of free GPU memory%s)",
+            "data.cache auto: device (cohort %.2f GB <= %.2f GB, %s%s)",
             gb,
             dev_budget / 1e9,
-            DEVICE_FRACTION * 100,
+            share(device_fraction, dev_n, "free GPU memory"),
             "" if cap is None else f", cache_gb {cache_gb}",
         )
         return "device", dev_budget
-    host_budget = budget(free_host_bytes(), HOST_FRACTION)
+    host_budget = budget(free_host_bytes(), host_fraction)
     if need_bytes <= host_budget:
         logger.info(
-            "data.cache auto: host (cohort %.2f GB <= %.2f GB, %.0f%% of available RAM%s)",
+            "data.cache auto: host (cohort %.2f GB <= %.2f GB, %s%s)",
             gb,
             host_budget / 1e9,
-            HOST_FRACTION * 100,
+            share(host_fraction, host_n, "available RAM"),
             "" if cap is None else f", cache_gb {cache_gb}",
         )
         return "host", host_budget
     logger.info(
-        "data.cache auto: none (cohort %.2f GB fits neither %.2f GB of GPU nor %.2f GB of host memory)",
+        "data.cache auto: none (cohort %.2f GB fits neither %.2f GB of GPU nor %.2f GB of host "
+        "memory%s)",
         gb,
         dev_budget / 1e9,
         host_budget / 1e9,
+        "" if host_n == 1 else f"; {host_n} processes share this machine",
     )
     return "none", 0
 

@@ -36,8 +36,17 @@ def _device_env(slot: int, n: int) -> tuple[dict[str, str], list[str]]:
 
     env = dict(os.environ)
     args: list[str] = []
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         env.pop(key, None)  # each fold process is a single-process run
+    # The n processes share this machine's RAM (and GPUs): a cohort cache takes its part of it.
+    env["MOMKD_HOST_PROCESSES"] = str(n)
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = (
@@ -46,6 +55,7 @@ def _device_env(slot: int, n: int) -> tuple[dict[str, str], list[str]]:
             else [str(i) for i in range(torch.cuda.device_count())]
         )
         env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+        env["MOMKD_DEVICE_PROCESSES"] = str(-(-n // len(ids)))
     else:
         from momkd._threads import available_cores
 
@@ -101,7 +111,7 @@ def run_fold_parallel(
         while pending or running:
             while pending and free:
                 fold, slot = pending.pop(0), free.pop(0)
-                env, device_args = _device_env(slot, n)
+                env, device_args = _device_env(slot, min(n, len(folds)) or 1)
                 cmd = [
                     sys.executable, "-m", "momkd", "train",
                     "--config", str(run_dir / "config.yaml"), "--out", str(run_dir), "--resume",
