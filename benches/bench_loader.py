@@ -12,6 +12,7 @@ arrays, plus the coordinates) from the same cohort in their own layout:
   copy into bags: an upper bound for any reader of this store on these cores;
 * ``momkd``            — ``momkd.BagLoader`` (Rust, zarrs, own thread pool, read-ahead, prefetch);
 * ``momkd-float16``    — the same loader handing over float16 (``dtype="float16"``, half the bytes);
+* ``momkd-1-io-thread`` — the same loader with one read-ahead I/O thread instead of the default 8;
 * ``momkd-zstd`` / ``momkd-none`` / ``momkd-sharded`` — the loader on the same bags stored with
   ``--codec zstd``, ``--codec none`` (crc32c only) and ``--shard-mb 64`` (the codec and layout
   choices, side by side);
@@ -131,10 +132,14 @@ def _fingerprint(features: np.ndarray) -> float:
 # --------------------------------------------------------------------------- contenders
 
 
-def read_momkd(setup, store_key: str = "default", dtype: str = "float32") -> float:
+def read_momkd(
+    setup, store_key: str = "default", dtype: str = "float32", io_threads: int | None = None
+) -> float:
     from momkd.data.loader import BagLoader
 
-    kwargs = {} if dtype == "float32" else {"dtype": dtype}
+    kwargs: dict = {} if dtype == "float32" else {"dtype": dtype}
+    if io_threads is not None:
+        kwargs["io_threads"] = io_threads
     loader = BagLoader(
         str(setup["stores"][store_key]),
         slide_ids=setup["order"],
@@ -281,6 +286,7 @@ CONTENDERS: dict[str, tuple[Callable, str]] = {
     "decode-ceiling": (read_decode_ceiling, "default"),
     "momkd": (lambda s: read_momkd(s), "default"),
     "momkd-float16": (lambda s: read_momkd(s, dtype="float16"), "default"),
+    "momkd-1-io-thread": (lambda s: read_momkd(s, io_threads=1), "default"),
     "momkd-zstd": (lambda s: read_momkd(s, "zstd"), "zstd"),
     "momkd-none": (lambda s: read_momkd(s, "none"), "none"),
     "momkd-sharded": (lambda s: read_momkd(s, "sharded"), "sharded"),
@@ -290,12 +296,16 @@ CONTENDERS: dict[str, tuple[Callable, str]] = {
 }
 
 
-def _supports_float16() -> bool:
+def _supports(option: str) -> bool:
     import inspect
 
     from momkd.data.loader import BagLoader
 
-    return "dtype" in inspect.signature(BagLoader).parameters
+    return option in inspect.signature(BagLoader).parameters
+
+
+def _supports_float16() -> bool:
+    return _supports("dtype")
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -309,6 +319,8 @@ def test_read(benchmark, setup, cache, contender):
         pytest.skip(f"no {disk_key} variant of the store (this momkd cannot write it)")
     if contender == "momkd-float16" and not _supports_float16():
         pytest.skip("this momkd's BagLoader has no dtype option")
+    if contender == "momkd-1-io-thread" and not _supports("io_threads"):
+        pytest.skip("this momkd's BagLoader has no io_threads option")
     benchmark.group = f"{cache} consume-and-drop"
     if cache == "cold":
         why = _cold_unavailable()
