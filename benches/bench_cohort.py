@@ -20,7 +20,7 @@ Figures (printed as one table at the end and written to ``$MOMKD_BENCH_DIR/cohor
 * ``peak RSS`` of this process after each step (it includes the host cache);
 * ``rss flat``: peak RSS of ``momkd train`` (one fold, one epoch), ``momkd predict`` and
   ``momkd explain``, cache off, on two synthetic cohorts of ``MOMKD_BENCH_RSS_PATIENTS`` (default
-  ``150,1500``) patients, each run in its own process (``os.wait4`` gives that process's peak).
+  ``150,1500``) patients, each run in its own process (its own ``VmHWM``, read as it exits).
 
 Run with ``bash scripts/dev.sh bench -k cohort`` and scale with the variables above; run it on a
 quiet machine (cold reads drop the page cache of every process).
@@ -221,16 +221,42 @@ def test_abmil_epoch_host_cache(benchmark, cohort):
     RESULTS["abmil_host_cache_served"] = second
 
 
+# Runs the momkd CLI and, at exit, writes the process's VmHWM (peak RSS of its own address space)
+# to $MOMKD_BENCH_HWM. The ru_maxrss that wait4 reports is not that: Linux carries over the peak
+# RSS of the address space a process had before exec, i.e. of this (large) benchmark process at
+# the fork, so every child would report at least this process's size.
+_HWM_LAUNCHER = """
+import atexit, os, sys
+
+def _hwm():
+    out = os.environ.get("MOMKD_BENCH_HWM")
+    if out:
+        with open("/proc/self/status", encoding="ascii") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open(out, "w", encoding="ascii") as f:
+            f.write(str(kb))
+
+atexit.register(_hwm)
+from momkd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _run_measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Run ``cmd``; return (seconds, peak RSS in MB) of that process alone."""
+    """Run ``cmd`` (a :data:`_HWM_LAUNCHER` command); return (seconds, peak RSS in MB) of that
+    process alone."""
+    hwm = cwd / ".peak_rss_kb"
+    hwm.unlink(missing_ok=True)
+    env = dict(os.environ, MOMKD_BENCH_HWM=str(hwm))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace")
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    if not hwm.exists():
+        raise RuntimeError(f"{' '.join(cmd)} did not report its peak RSS (/proc needed)")
+    return seconds, int(hwm.read_text()) / 1024
 
 
 @pytest.mark.benchmark(group="rss")
@@ -241,7 +267,7 @@ def test_rss_flat_train_predict_explain(benchmark, tmp_path):
 def _rss_flat(tmp_path: Path) -> None:
     from momkd.config import preset_yaml
 
-    momkd = [sys.executable, "-m", "momkd.cli"]
+    momkd = [sys.executable, "-c", _HWM_LAUNCHER]
     rows: dict[str, dict[str, float]] = {}
     for patients in RSS_PATIENTS:
         data = tmp_path / f"p{patients}"

@@ -4,7 +4,8 @@
 * writing ``SIDE/pid_rank<r>`` (so a test can kill one rank),
 * on ranks other than 0, recording every file-system write below the run directory (``--out``) with
   an audit hook into ``SIDE/writes_rank<r>.json``,
-* saving each rank's model state after every fold's epoch loop into ``SIDE/rank<r>_fold<k>.pt``.
+* saving each rank's model state after every fold's epoch loop into ``SIDE/rank<r>_fold<k>.pt``
+  (and, with a cohort cache, what the rank cached into ``SIDE/cache_rank<r>_fold<k>.json``).
 
 SIDE lies outside the run directory. Not collected by pytest (no ``test_`` prefix).
 """
@@ -57,6 +58,17 @@ def main() -> int:
     def fit_and_dump(self: loop.FoldTrainer) -> None:
         fit(self)
         torch.save(self.model.state_dict(), side / f"rank{rank}_fold{self.data.fold}.pt")
+        cache = self.cache
+        if cache is not None:  # which bags this rank wrote to / mapped from a shared host cache
+            info = {
+                "type": type(cache).__name__,
+                "bags": sorted(int(i) for i in cache._bags),
+                "written": sorted(
+                    int(p.name.split(".")[0]) for p in getattr(cache, "_written", [])
+                ),
+                "directory": str(getattr(cache, "directory", "")),
+            }
+            (side / f"cache_rank{rank}_fold{self.data.fold}.json").write_text(json.dumps(info))
 
     loop.FoldTrainer.fit = fit_and_dump  # type: ignore[method-assign]
     from momkd.cli import main as cli_main

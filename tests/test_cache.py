@@ -265,3 +265,115 @@ def test_collate_widens_float16_on_the_device(stores):
         ff, ef, of = collate(full[:n], torch.device("cpu"), graph=True)
         assert fh.dtype == torch.float32 and torch.equal(fh, ff) and torch.equal(eh, ef)
         assert (oh is None and of is None) or torch.equal(oh, of)
+
+
+# --------------------------------------------------------------------------- shared host cache
+
+
+def _same(a, b) -> None:
+    assert [x[0] for x in a] == [y[0] for y in b]
+    for (sid, f1, c1, e1), (_, f2, c2, e2) in zip(a, b, strict=True):
+        assert f1.dtype == f2.dtype and torch.equal(f1, f2), sid
+        assert torch.equal(c1, c2), sid
+        assert (e1 is None and e2 is None) or torch.equal(e1, e2), sid
+
+
+@pytest.mark.parametrize("max_patches", [None, 20])
+def test_shared_host_cache_bags_written_once_and_mapped_by_the_others(
+    stores, tmp_path, max_patches
+):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    folder = tmp_path / "shm" / "job"
+    kw = {"shuffle": True, "seed": 2, "max_patches": max_patches, "knn_k": 3}
+    plain = BagLoader(store, **kw)
+    # Two "processes" of one job: each has its own cache object on the same folder.
+    a = cache_mod.SharedHostCache(store, 10**9, folder)
+    b = cache_mod.SharedHostCache(store, 10**9, folder)
+    _same(_bags(plain, 0), _bags(BagLoader(store, cache=a, **kw), 0))
+    assert a.written == len(SIZES) and a.misses == len(SIZES)
+    assert len(list(folder.glob("*.features.npy"))) == len(SIZES)
+    # b reads nothing from the store and writes nothing: every bag is mapped from a's files.
+    for epoch in (0, 1):
+        _same(_bags(plain, epoch), _bags(BagLoader(store, cache=b, **kw), epoch))
+    assert b.written == 0 and b.misses == 0 and b.mapped == len(SIZES)
+    # b's own memory is only the graphs it built; a's also counts the bags it wrote.
+    graphs = sum(
+        e.nbytes for i in range(len(SIZES)) for e in map(np.asarray, b.get(i).edges.values())
+    )
+    assert b.nbytes == graphs < a.nbytes
+    # The files hold the store's values exactly (independent reader: numpy).
+    sid = store.slide_ids[4]
+    on_disk = np.load(folder / f"{store.index_of(sid)}.features.npy")
+    assert on_disk.dtype == np.float16
+    assert np.array_equal(on_disk, store.read(sid, dtype="float16").features)
+    # a ends: its files go; b keeps serving the bags it mapped, and a new process reads and writes.
+    a.close()
+    assert not list(folder.glob("*.npy"))
+    _same(_bags(plain, 2), _bags(BagLoader(store, cache=b, **kw), 2))
+    c = cache_mod.SharedHostCache(store, 10**9, folder)
+    _same(_bags(plain, 3), _bags(BagLoader(store, cache=c, **kw), 3))
+    assert c.written == len(SIZES)
+    c.close()
+    b.close()
+    assert not folder.exists()  # the last process out removes the folder
+
+
+def test_shared_host_cache_without_room_reads_the_store(stores, tmp_path, monkeypatch):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    folder = tmp_path / "job"
+    cache = cache_mod.SharedHostCache(store, 10**9, folder)
+    usage = type("Usage", (), {"free": cache_mod.SHARED_RESERVE - 1})
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: usage)
+    kw = {"shuffle": True, "seed": 4, "knn_k": 3}
+    _same(_bags(BagLoader(store, **kw), 0), _bags(BagLoader(store, cache=cache, **kw), 0))
+    assert cache.written == 0 and len(cache) == 0 and not list(folder.glob("*.npy"))
+
+
+def test_shared_cache_is_chosen_for_several_processes(stores, tmp_path, monkeypatch, caplog):
+    path, _ = stores["float32"]
+    store = CohortStore.open(path)
+    monkeypatch.setattr(cache_mod, "SHARED_ROOT", tmp_path)
+    monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: 10**12)
+    monkeypatch.delenv("MOMKD_HOST_PROCESSES", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with caplog.at_level("INFO", logger="momkd.data.cache"):
+        cache = shared_cache(store, "host", device="cpu")
+    assert isinstance(cache, cache_mod.SharedHostCache)
+    assert cache.directory == cache_mod.shared_cache_dir(store.path, tmp_path)
+    assert cache.directory.parent == tmp_path and "shared by the 2 processes" in caplog.text
+    # One process alone keeps a private cache.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = shared_cache(CohortStore.open(path), "host", device="cpu")
+    assert type(alone) is BagCache
+
+
+def test_processes_of_one_job_agree_on_the_folder_and_stale_folders_go(stores, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = stores["float16"]
+    code = (
+        "import sys; from pathlib import Path; from momkd.data.cache import shared_cache_dir;"
+        f"print(shared_cache_dir({str(path)!r}, Path({str(tmp_path)!r})))"
+    )
+    # Two children of this process (as torchrun's ranks are children of its agent): one folder.
+    out = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert out[0].stdout == out[1].stdout
+    assert cache_mod.shared_cache_dir(path, tmp_path).name not in out[0].stdout  # other parent
+    # A folder whose job parent is gone is removed; a live job's folder stays.
+    done = subprocess.run([sys.executable, "-c", "pass"], check=True)
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    stale = tmp_path / f"{cache_mod._shared_prefix()}p{dead_pid.pid}-abc"
+    live = cache_mod.shared_cache_dir(path, tmp_path)
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "0.features.npy").write_bytes(b"x")
+    assert done.returncode == 0
+    assert cache_mod.remove_stale_shared_caches(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()

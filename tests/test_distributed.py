@@ -274,6 +274,36 @@ def test_ranks_hold_bit_identical_models_and_only_rank0_writes(cohort: Path, upd
 
 
 @pytest.mark.slow
+def test_two_ranks_share_one_host_cache(cohort: Path) -> None:
+    plain, _ = _ddp(cohort, "gradient")
+    root = cohort.parent / "ddp_shared_cache"
+    run, side = root / "run", root / "side"
+    root.mkdir()
+    config = str(cohort / "gradient_b1.yaml")
+    cmd = _standalone(
+        side, "train", "--config", config, "--out", str(run), "--set", "data.cache=host"
+    )  # fmt: skip
+    rc = _run(cmd, root / "log.txt")
+    assert rc == 0, (root / "log.txt").read_text()[-4000:]
+    # The same training as without the cache.
+    a = torch.load(plain / "fold_0" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "fold_0" / "last.pt", weights_only=True)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # Both ranks used one shared cache; every bag in it was written by exactly one rank.
+    info = [json.loads((side / f"cache_rank{r}_fold0.json").read_text()) for r in (0, 1)]
+    assert [i["type"] for i in info] == ["SharedHostCache"] * 2
+    assert info[0]["directory"] == info[1]["directory"]
+    written = [set(i["written"]) for i in info]
+    assert written[0] and written[1] and not written[0] & written[1]
+    assert set(info[0]["bags"]) | set(info[1]["bags"]) == written[0] | written[1]
+    # Each rank holds bags the other one read (it mapped them instead of reading the store).
+    assert set(info[0]["bags"]) - written[0] and set(info[1]["bags"]) - written[1]
+    # The ranks removed their files when they ended.
+    assert not Path(info[0]["directory"]).exists()
+
+
+@pytest.mark.slow
 def test_two_node_rendezvous_on_loopback(cohort: Path) -> None:
     ref, _ = _ddp(cohort, "gradient")
     root = cohort.parent / "two_nodes"

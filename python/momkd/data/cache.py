@@ -22,19 +22,29 @@ reads (its shard of each epoch): up to the whole cohort per rank over several ep
 one machine split the safe fraction between them: the host budget of each is
 :data:`HOST_FRACTION` / :func:`host_processes` of the available RAM (``LOCAL_WORLD_SIZE`` ranks
 under ``torchrun``, the concurrent fold processes of ``--fold-parallel``), and processes sharing one
-GPU split its :data:`DEVICE_FRACTION` likewise (:func:`device_processes`). Caches are not shared
-between processes; the page cache is, so several ranks on one machine whose cohort does not fit in
-RAM once per rank read a warm store instead (``data.cache: none``).
+GPU split its :data:`DEVICE_FRACTION` likewise (:func:`device_processes`).
+
+The training processes of one job on one machine (the ranks ``torchrun`` starts there, the fold
+processes of ``--fold-parallel``) share a ``host`` cache (:class:`SharedHostCache`): a bag is
+written once, by the first process that reads it, to a folder on the RAM-backed ``/dev/shm``, and
+the others map that file instead of reading the store; so the machine holds each bag once, not once
+per process. Each process removes the files it wrote when it ends; folders left by a job that
+crashed are removed by the next job of the same user. Without a usable ``/dev/shm`` each process
+keeps its own cache (logged).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +65,7 @@ __all__ = [
     "HOST_FRACTION",
     "BagCache",
     "CachedBag",
+    "SharedHostCache",
     "choose_cache",
     "cohort_bytes",
     "device_processes",
@@ -70,6 +81,10 @@ CACHE_KINDS = ("none", "host", "device", "auto")
 DEVICE_FRACTION = 0.5
 #: Share of the available host RAM the host cache may take.
 HOST_FRACTION = 0.5
+#: Where the processes of one job on one machine keep a shared host cache (a RAM-backed tmpfs).
+SHARED_ROOT = Path("/dev/shm")
+#: Free space a shared host cache leaves on :data:`SHARED_ROOT` (bytes).
+SHARED_RESERVE = 256 * 2**20
 
 
 @dataclass
@@ -386,6 +401,204 @@ class BagCache:
         return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _shared_prefix() -> str:
+    return f"momkd-cache-{os.getuid()}-"
+
+
+def shared_cache_dir(store_path: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """The folder where the processes of this job on this machine share the host cache of a store:
+    named after the user, the job's parent process (``torchrun``'s agent, the ``--fold-parallel``
+    parent) and the store."""
+    digest = hashlib.sha1(os.path.realpath(os.fspath(store_path)).encode()).hexdigest()[:16]
+    base = SHARED_ROOT if root is None else root
+    return base / f"{_shared_prefix()}p{os.getppid()}-{digest}"
+
+
+def remove_stale_shared_caches(root: Path | None = None) -> list[Path]:
+    """Remove this user's shared-cache folders whose job's parent process is gone (a crashed job);
+    the removed folders."""
+    base = SHARED_ROOT if root is None else root
+    removed: list[Path] = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        name = path.name
+        if not name.startswith(_shared_prefix() + "p"):
+            continue
+        try:
+            pid = int(name[len(_shared_prefix()) + 1 :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _remove_written(paths: list[Path], directory: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only once every process's files are gone
+
+
+class SharedHostCache(BagCache):
+    """A host cache shared by the training processes of one job on this machine.
+
+    A bag is written once, by the first process that claims it (an exclusively created
+    ``<index>.claim`` file), as two ``.npy`` files (features in the store's type, int64
+    coordinates) in ``directory`` on a RAM-backed tmpfs; every process maps
+    the files (copy-on-write), so the machine holds each bag once. Graphs are built and kept per
+    process (they are small). This process's ``budget_bytes`` limits what it writes; a write also
+    leaves :data:`SHARED_RESERVE` free on the tmpfs. The files this process wrote are removed when
+    it ends (or :meth:`close`); mapped bags stay valid in the other processes after that, and bags
+    whose files are gone are read from the store again.
+    """
+
+    def __init__(self, store: CohortStore, budget_bytes: int, directory: Path) -> None:
+        super().__init__(store, "host", budget_bytes)
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.written = 0
+        self.mapped = 0
+        self._written: list[Path] = []
+        self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedHostCache({self.directory}, bags={len(self)}, wrote {self.written}, "
+            f"mapped {self.mapped}, {self._nbytes / 1e9:.2f} of {self.budget_bytes / 1e9:.2f} GB)"
+        )
+
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        return (
+            self.directory / f"{int(index)}.features.npy",
+            self.directory / f"{int(index)}.coords.npy",
+        )
+
+    def _map(self, index: int) -> bool:
+        """Map bag ``index`` written by any process of the job; False when it is not there."""
+        import torch
+
+        feats_path, coords_path = self._paths(index)
+        try:
+            feats = np.load(feats_path, mmap_mode="c")
+            coords = np.load(coords_path, mmap_mode="c")
+        except (OSError, ValueError):
+            return False
+        entry = CachedBag(features=torch.from_numpy(feats), coords=torch.from_numpy(coords))
+        with self._lock:
+            if index not in self._bags:
+                self._bags[index] = entry
+                self.mapped += 1
+        return True
+
+    def __contains__(self, index: object) -> bool:
+        if index in self._bags:
+            return True
+        if not isinstance(index, (int, np.integer)):
+            return False
+        return self._map(int(index))
+
+    def put(
+        self,
+        index: int,
+        features: np.ndarray,
+        coords: np.ndarray,
+        edges: np.ndarray | None,
+        k: int | None,
+    ) -> bool:
+        """Write the whole bag ``index`` for every process of the job (unless one already has) and
+        map it; False when this process's budget or the tmpfs has no room for it."""
+
+        if index in self._bags or self._map(index):
+            self._keep_graph(index, edges, k)
+            return True
+        feats = np.ascontiguousarray(features, dtype=self.dtype)
+        coords64 = np.ascontiguousarray(coords, dtype=np.int64)
+        size = feats.nbytes + coords64.nbytes
+        with self._lock:
+            room = self._nbytes + size <= self.budget_bytes
+            if room:
+                try:
+                    room = shutil.disk_usage(self.directory).free >= size + SHARED_RESERVE
+                except OSError:
+                    room = False
+            if not room:
+                if not self._full_logged:
+                    logger.info(
+                        "shared host cache %s: no room for more bags from this process (%d "
+                        "written, %.2f GB): further bags are read from the store",
+                        self.directory,
+                        self.written,
+                        self._nbytes / 1e9,
+                    )
+                    self._full_logged = True
+                return False
+            self._nbytes += size
+        feats_path, coords_path = self._paths(index)
+        # One writer per bag: the process that creates the claim file writes the bag; another that
+        # read the same bag meanwhile serves its own read and maps the files later.
+        claim = self.directory / f"{int(index)}.claim"
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError:
+            with self._lock:
+                self._nbytes -= size
+            if not self._map(index):
+                return False
+            self._keep_graph(index, edges, k)
+            return True
+        self._written.append(claim)
+        try:
+            for path, array in ((coords_path, coords64), (feats_path, feats)):  # features last
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as fh:
+                    np.save(fh, array)
+                os.replace(tmp, path)
+                self._written.append(path)
+        except OSError as exc:
+            logger.info("shared host cache %s: cannot write bag %d: %s", self.directory, index, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            with self._lock:
+                self._nbytes -= size
+            return False
+        self.written += 1
+        if not self._map(index):
+            return False
+        self._keep_graph(index, edges, k)
+        return True
+
+    def _keep_graph(self, index: int, edges: np.ndarray | None, k: int | None) -> None:
+        """Keep the whole bag's graph in this process (counted in its budget)."""
+        import torch
+
+        entry = self._bags.get(index)
+        if entry is None or edges is None or k is None or int(k) in entry.edges:
+            return
+        entry.edges[int(k)] = torch.from_numpy(np.ascontiguousarray(edges))
+        with self._lock:
+            self._nbytes += edges.nbytes
+
+    def close(self) -> None:
+        """Remove the files this process wrote (bags already mapped stay usable)."""
+        self._finalizer()
+
+
 def serve_bag(
     entry: CachedBag,
     index: int,
@@ -463,10 +676,39 @@ def shared_cache(
         where, budget = choose_cache(
             kind, cohort_bytes(store, knn_k), device=device, cache_gb=cache_gb
         )
-        cache = None if where == "none" else BagCache(store, where, budget, device=device)
+        cache: BagCache | None = None
+        if where == "host" and host_processes() > 1:
+            cache = _shared_host_cache(store, budget)
+        if cache is None and where != "none":
+            cache = BagCache(store, where, budget, device=device)
         if cache is not None:
             logger.info(
                 "%s cache for %s: up to %.2f GB", where, store.path, cache.budget_bytes / 1e9
             )
         per_store[kind] = cache
         return cache
+
+
+def _shared_host_cache(store: CohortStore, budget: int) -> SharedHostCache | None:
+    """The job's shared host cache of ``store``, or None (logged) when ``/dev/shm`` is unusable."""
+    remove_stale_shared_caches()
+    directory = shared_cache_dir(store.path)
+    try:
+        if shutil.disk_usage(SHARED_ROOT).free < SHARED_RESERVE:
+            raise OSError(f"less than {SHARED_RESERVE // 2**20} MiB free")
+        cache = SharedHostCache(store, budget, directory)
+    except OSError as exc:
+        logger.info(
+            "host cache not shared between the %d processes on this machine (%s: %s); each "
+            "process keeps its own",
+            host_processes(),
+            SHARED_ROOT,
+            exc,
+        )
+        return None
+    logger.info(
+        "host cache shared by the %d processes of this job on this machine: %s",
+        host_processes(),
+        directory,
+    )
+    return cache
