@@ -27,6 +27,12 @@ The cold case writes ``3`` to ``/proc/sys/vm/drop_caches`` (after ``sync``) befo
 which needs root; without that permission the cold benchmarks skip with the reason. The machine's
 page cache is then dropped for every process on it, so run cold benchmarks on a quiet machine.
 
+``first-read`` goes one step further: before each round the contender's files are copied anew
+(new files on the same filesystem, then the page cache dropped), so every timed read is the first
+read of those files. On a virtual machine whose host caches the disk image, "cold" reads of files
+read before may be served from the host's memory, so the two cases can differ a lot. Timed for
+the readers in ``FIRST_READ``.
+
 Run with ``bash scripts/dev.sh bench -k loader`` (size through ``MOMKD_BENCH_SLIDES`` etc., see
 ``benches/conftest.py``). Every contender's output is checked against the others.
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -311,8 +318,37 @@ def _supports_float16() -> bool:
 # --------------------------------------------------------------------------- benchmarks
 
 
+# The contenders timed on first reads (each round copies their files anew).
+FIRST_READ = (
+    "raw-read-ceiling",
+    "momkd",
+    "momkd-float16",
+    "zarr-python",
+    "h5py-trident",
+    "torch-load-pt",
+)
+
+
+def _fresh_files(setup: dict, disk_key: str) -> dict:
+    """``setup`` with the files of ``disk_key`` (a store, ``h5`` or ``pt``) replaced by a new copy
+    (new files, then the page cache dropped): the next read of them is their first."""
+    scratch = Path(setup["root"]) / "first_read"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    fresh = dict(setup)
+    if disk_key in ("h5", "pt"):
+        shutil.copytree(Path(setup["root"]) / disk_key, scratch / disk_key)
+        fresh["root"] = scratch
+    else:
+        src = setup["stores"][disk_key]
+        fresh["stores"] = {**setup["stores"], disk_key: scratch / src.name}
+        shutil.copytree(src, scratch / src.name)
+    drop_page_cache()
+    return fresh
+
+
 @pytest.mark.parametrize("contender", list(CONTENDERS))
-@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("cache", ["warm", "cold", "first-read"])
 def test_read(benchmark, setup, cache, contender):
     reader, disk_key = CONTENDERS[contender]
     if disk_key not in setup["stores"] and disk_key not in ("h5", "pt"):
@@ -322,10 +358,21 @@ def test_read(benchmark, setup, cache, contender):
     if contender == "momkd-1-io-thread" and not _supports("io_threads"):
         pytest.skip("this momkd's BagLoader has no io_threads option")
     benchmark.group = f"{cache} consume-and-drop"
-    if cache == "cold":
+    if cache in ("cold", "first-read"):
         why = _cold_unavailable()
         if why is not None:
-            pytest.skip(f"cold reads: {why}")
+            pytest.skip(f"{cache} reads: {why}")
+    if cache == "first-read":
+        if contender not in FIRST_READ:
+            pytest.skip(f"first reads are timed for {', '.join(FIRST_READ)} only")
+        benchmark.pedantic(
+            reader,
+            setup=lambda: ((_fresh_files(setup, disk_key),), {}),
+            rounds=ROUNDS,
+            iterations=1,
+        )
+        shutil.rmtree(Path(setup["root"]) / "first_read", ignore_errors=True)
+    elif cache == "cold":
         benchmark.pedantic(
             reader, args=(setup,), setup=drop_page_cache, rounds=ROUNDS, iterations=1
         )

@@ -53,10 +53,14 @@ def bench_cohort() -> dict:
 
 
 def _short(name: str) -> str:
-    """``test_read[warm-momkd]`` -> ``momkd``; other names unchanged."""
+    """``test_read[warm-momkd]`` -> ``momkd`` (also ``cold-``, ``first-read-``); other names
+    unchanged."""
     if "[" in name and name.endswith("]"):
         inner = name[name.index("[") + 1 : -1]
-        return inner.split("-", 1)[1] if inner.startswith(("warm-", "cold-")) else inner
+        for prefix in ("warm-", "cold-", "first-read-"):
+            if inner.startswith(prefix):
+                return inner[len(prefix) :]
+        return inner
     return name
 
 
