@@ -377,3 +377,15 @@ def test_processes_of_one_job_agree_on_the_folder_and_stale_folders_go(stores, t
     assert done.returncode == 0
     assert cache_mod.remove_stale_shared_caches(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_no_shared_memory_folder_means_a_private_cache(stores, tmp_path, monkeypatch, caplog):
+    path, _ = stores["float16"]
+    monkeypatch.setattr(cache_mod, "SHARED_ROOT", tmp_path / "absent")
+    monkeypatch.setattr(cache_mod, "free_host_bytes", lambda: 10**12)
+    monkeypatch.delenv("MOMKD_HOST_PROCESSES", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with caplog.at_level("INFO", logger="momkd.data.cache"):
+        cache = shared_cache(CohortStore.open(path), "host", device="cpu")
+    assert type(cache) is BagCache
+    assert "not shared between the 3 processes" in caplog.text

@@ -412,7 +412,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _shared_prefix() -> str:
-    return f"momkd-cache-{os.getuid()}-"
+    uid = os.getuid() if hasattr(os, "getuid") else 0  # no user ids on Windows (no /dev/shm either)
+    return f"momkd-cache-{uid}-"
 
 
 def shared_cache_dir(store_path: str | os.PathLike[str], root: Path | None = None) -> Path:
@@ -523,7 +524,6 @@ class SharedHostCache(BagCache):
     ) -> bool:
         """Write the whole bag ``index`` for every process of the job (unless one already has) and
         map it; False when this process's budget or the tmpfs has no room for it."""
-
         if index in self._bags or self._map(index):
             self._keep_graph(index, edges, k)
             return True
@@ -691,6 +691,14 @@ def shared_cache(
 
 def _shared_host_cache(store: CohortStore, budget: int) -> SharedHostCache | None:
     """The job's shared host cache of ``store``, or None (logged) when ``/dev/shm`` is unusable."""
+    if not SHARED_ROOT.is_dir():
+        logger.info(
+            "host cache not shared between the %d processes on this machine (no %s); each "
+            "process keeps its own",
+            host_processes(),
+            SHARED_ROOT,
+        )
+        return None
     remove_stale_shared_caches()
     directory = shared_cache_dir(store.path)
     try:
