@@ -250,6 +250,10 @@ impl Prefetcher {
                 }
                 self.next_advise += 1;
             }
+            if self.next_advise == self.indices.len() {
+                // Everything is requested: the I/O threads end once they have drained the queue.
+                self.advise_tx = None;
+            }
         }
         while !self.finished
             && self.pending.len() < self.prefetch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,7 @@ def test_shared_host_cache_bags_written_once_and_mapped_by_the_others(
     b = cache_mod.SharedHostCache(store, 10**9, folder)
     _same(_bags(plain, 0), _bags(BagLoader(store, cache=a, **kw), 0))
     assert a.written == len(SIZES) and a.misses == len(SIZES)
-    assert len(list(folder.glob("*.features.npy"))) == len(SIZES)
+    assert len(list(folder.glob("*.features"))) == len(SIZES)
     # b reads nothing from the store and writes nothing: every bag is mapped from a's files.
     for epoch in (0, 1):
         _same(_bags(plain, epoch), _bags(BagLoader(store, cache=b, **kw), epoch))
@@ -304,12 +305,11 @@ def test_shared_host_cache_bags_written_once_and_mapped_by_the_others(
     assert b.nbytes == graphs < a.nbytes
     # The files hold the store's values exactly (independent reader: numpy).
     sid = store.slide_ids[4]
-    on_disk = np.load(folder / f"{store.index_of(sid)}.features.npy")
-    assert on_disk.dtype == np.float16
-    assert np.array_equal(on_disk, store.read(sid, dtype="float16").features)
+    on_disk = np.fromfile(folder / f"{store.index_of(sid)}.features", dtype=np.float16)
+    assert np.array_equal(on_disk.reshape(-1, D), store.read(sid, dtype="float16").features)
     # a ends: its files go; b keeps serving the bags it mapped, and a new process reads and writes.
     a.close()
-    assert not list(folder.glob("*.npy"))
+    assert not folder.exists()  # b wrote nothing, so a's files were the last ones
     _same(_bags(plain, 2), _bags(BagLoader(store, cache=b, **kw), 2))
     c = cache_mod.SharedHostCache(store, 10**9, folder)
     _same(_bags(plain, 3), _bags(BagLoader(store, cache=c, **kw), 3))
@@ -328,7 +328,7 @@ def test_shared_host_cache_without_room_reads_the_store(stores, tmp_path, monkey
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: usage)
     kw = {"shuffle": True, "seed": 4, "knn_k": 3}
     _same(_bags(BagLoader(store, **kw), 0), _bags(BagLoader(store, cache=cache, **kw), 0))
-    assert cache.written == 0 and len(cache) == 0 and not list(folder.glob("*.npy"))
+    assert cache.written == 0 and len(cache) == 0 and not list(folder.iterdir())
 
 
 def test_shared_cache_is_chosen_for_several_processes(stores, tmp_path, monkeypatch, caplog):
@@ -389,3 +389,56 @@ def test_no_shared_memory_folder_means_a_private_cache(stores, tmp_path, monkeyp
         cache = shared_cache(CohortStore.open(path), "host", device="cpu")
     assert type(cache) is BagCache
     assert "not shared between the 3 processes" in caplog.text
+
+
+def test_shared_host_cache_maps_only_whole_bags_and_keeps_no_descriptors(stores, tmp_path):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    folder = tmp_path / "job"
+    kw = {"shuffle": True, "seed": 6, "knn_k": 3}
+    plain = _bags(BagLoader(store, **kw), 0)
+    a = cache_mod.SharedHostCache(store, 10**9, folder)
+    fds = len(os.listdir("/proc/self/fd"))
+    _same(plain, _bags(BagLoader(store, cache=a, **kw), 0))
+    assert len(a) == len(SIZES)
+    # Mapped bags hold no file descriptor open (a long cohort would otherwise exhaust the limit).
+    assert len(os.listdir("/proc/self/fd")) < fds + 3
+    # A bag file of the wrong size (truncated, or from another store) is never mapped.
+    big = SIZES.index(300)
+    with open(folder / f"{big}.features", "r+b") as fh:
+        fh.truncate(100)
+    b = cache_mod.SharedHostCache(store, 10**9, folder)
+    assert big not in b and 0 in b
+    _same(plain, _bags(BagLoader(store, cache=b, **kw), 0))  # read from the store instead
+    a.close()
+    b.close()
+
+
+def test_shared_host_cache_failed_write_leaves_nothing(stores, tmp_path, monkeypatch):
+    path, _ = stores["float16"]
+    store = CohortStore.open(path)
+    folder = tmp_path / "job"
+    cache = cache_mod.SharedHostCache(store, 10**9, folder)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith(".features"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", failing)
+    got = store.read(store.slide_ids[0], dtype="float16")
+    f, c = got.features, got.coords
+    assert cache.put(0, f, c, None, None) is False
+    assert not list(folder.iterdir()) and cache.nbytes == 0 and len(cache) == 0
+    monkeypatch.setattr(cache_mod.os, "replace", real_replace)
+    assert cache.put(0, f, c, None, None) is True  # no claim left behind: it can be cached later
+    assert torch.equal(cache.get(0).features, torch.from_numpy(f))
+    cache.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_process_counts_must_be_positive(monkeypatch, value):
+    monkeypatch.setenv("MOMKD_HOST_PROCESSES", value)
+    with pytest.raises(ConfigError, match="MOMKD_HOST_PROCESSES"):
+        cache_mod.host_processes()

@@ -28,9 +28,10 @@ The training processes of one job on one machine (the ranks ``torchrun`` starts 
 processes of ``--fold-parallel``) share a ``host`` cache (:class:`SharedHostCache`): a bag is
 written once, by the first process that reads it, to a folder on the RAM-backed ``/dev/shm``, and
 the others map that file instead of reading the store; so the machine holds each bag once, not once
-per process. Each process removes the files it wrote when it ends; folders left by a job that
-crashed are removed by the next job of the same user. Without a usable ``/dev/shm`` each process
-keeps its own cache (logged).
+per process. Each process removes the files it wrote when it exits normally; folders left by a job
+whose processes were killed are removed by the next job of the same user on this host once the
+job's parent process is gone. Without a usable ``/dev/shm`` each process keeps its own cache
+(logged).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -149,9 +151,12 @@ def _env_count(*names: str) -> int:
         value = os.environ.get(name, "").strip()
         if value:
             try:
-                return max(1, int(value))
+                count = int(value)
             except ValueError:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
+                count = 0
+            if count < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            return count
     return 1
 
 
@@ -411,18 +416,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha1("\0".join(str(p) for p in parts).encode()).hexdigest()[:12]
+
+
 def _shared_prefix() -> str:
+    """This user's shared-cache folders on this host (container hostnames differ, so folders of
+    other containers sharing ``/dev/shm`` are never taken for this host's)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0  # no user ids on Windows (no /dev/shm either)
-    return f"momkd-cache-{uid}-"
+    return f"momkd-cache-{uid}-{_short_hash(socket.gethostname())}-"
+
+
+def _process_start(pid: int) -> str:
+    """Start time of process ``pid`` (Linux ``/proc``; empty elsewhere): with the pid, it names one
+    process even when pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _store_fingerprint(store_path: str | os.PathLike[str]) -> str:
+    """The store's path and its header file's identity: a store rebuilt at the same path gets
+    another folder."""
+    path = os.path.realpath(os.fspath(store_path))
+    try:
+        st = os.stat(os.path.join(path, "zarr.json"))
+        ident: tuple[object, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        ident = ()
+    return _short_hash(path, *ident)
 
 
 def shared_cache_dir(store_path: str | os.PathLike[str], root: Path | None = None) -> Path:
     """The folder where the processes of this job on this machine share the host cache of a store:
-    named after the user, the job's parent process (``torchrun``'s agent, the ``--fold-parallel``
-    parent) and the store."""
-    digest = hashlib.sha1(os.path.realpath(os.fspath(store_path)).encode()).hexdigest()[:16]
+    named after the user and host, the job's parent process (``torchrun``'s agent, the
+    ``--fold-parallel`` parent: its pid, start time and ``TORCHELASTIC_RUN_ID``) and the store (its
+    path and header file)."""
+    ppid = os.getppid()
+    job = _short_hash(_process_start(ppid), os.environ.get("TORCHELASTIC_RUN_ID", ""))
     base = SHARED_ROOT if root is None else root
-    return base / f"{_shared_prefix()}p{os.getppid()}-{digest}"
+    return base / f"{_shared_prefix()}p{ppid}-{job}-{_store_fingerprint(store_path)}"
 
 
 def remove_stale_shared_caches(root: Path | None = None) -> list[Path]:
@@ -448,25 +483,29 @@ def remove_stale_shared_caches(root: Path | None = None) -> list[Path]:
     return removed
 
 
-def _remove_written(paths: list[Path], directory: Path) -> None:
+def _remove_written(paths: list[Path], directory: Path, remove_folder: bool = True) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
             path.unlink()
-    with contextlib.suppress(OSError):
-        directory.rmdir()  # only once every process's files are gone
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only once every process's files are gone
 
 
 class SharedHostCache(BagCache):
     """A host cache shared by the training processes of one job on this machine.
 
     A bag is written once, by the first process that claims it (an exclusively created
-    ``<index>.claim`` file), as two ``.npy`` files (features in the store's type, int64
-    coordinates) in ``directory`` on a RAM-backed tmpfs; every process maps
-    the files (copy-on-write), so the machine holds each bag once. Graphs are built and kept per
-    process (they are small). This process's ``budget_bytes`` limits what it writes; a write also
-    leaves :data:`SHARED_RESERVE` free on the tmpfs. The files this process wrote are removed when
-    it ends (or :meth:`close`); mapped bags stay valid in the other processes after that, and bags
-    whose files are gone are read from the store again.
+    ``<index>.claim`` file), as two raw files (features in the store's type, int64 coordinates) in
+    ``directory`` on a RAM-backed tmpfs; every process maps them copy-on-write
+    (``torch.from_file``, which keeps no file descriptor open), so the machine holds each bag once.
+    A file is only mapped when its size is exactly the bag's (rows from the store's offsets). Graphs
+    are built and kept per process (they are small). This process's ``budget_bytes`` limits what it
+    writes; a write also leaves :data:`SHARED_RESERVE` free on the tmpfs. The files a process wrote
+    are removed when it exits normally (or :meth:`close`); mapped bags stay valid in the other
+    processes after that, and bags whose files are gone are read from the store again. Files of a
+    process killed by a signal stay until the job ends; the user's next job removes the folders of
+    jobs whose parent process is gone.
     """
 
     def __init__(self, store: CohortStore, budget_bytes: int, directory: Path) -> None:
@@ -475,6 +514,8 @@ class SharedHostCache(BagCache):
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.written = 0
         self.mapped = 0
+        self._rows = np.diff(np.asarray(store.offsets, dtype=np.int64))
+        self._dim = int(store.feature_dim)
         self._written: list[Path] = []
         self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
 
@@ -486,21 +527,32 @@ class SharedHostCache(BagCache):
 
     def _paths(self, index: int) -> tuple[Path, Path]:
         return (
-            self.directory / f"{int(index)}.features.npy",
-            self.directory / f"{int(index)}.coords.npy",
+            self.directory / f"{int(index)}.features",
+            self.directory / f"{int(index)}.coords",
         )
 
     def _map(self, index: int) -> bool:
-        """Map bag ``index`` written by any process of the job; False when it is not there."""
+        """Map bag ``index`` written by any process of the job; False when it is not there (or not
+        whole)."""
         import torch
 
-        feats_path, coords_path = self._paths(index)
-        try:
-            feats = np.load(feats_path, mmap_mode="c")
-            coords = np.load(coords_path, mmap_mode="c")
-        except (OSError, ValueError):
+        if not 0 <= index < len(self._rows):
             return False
-        entry = CachedBag(features=torch.from_numpy(feats), coords=torch.from_numpy(coords))
+        n = int(self._rows[index])
+        feats_path, coords_path = self._paths(index)
+        want = (
+            (feats_path, n * self._dim, getattr(torch, self.dtype)),
+            (coords_path, n * 2, torch.int64),
+        )
+        tensors = []
+        for path, count, dtype in want:
+            try:
+                if path.stat().st_size != count * torch.empty((), dtype=dtype).element_size():
+                    return False
+                tensors.append(torch.from_file(str(path), shared=False, size=count, dtype=dtype))
+            except (OSError, RuntimeError):
+                return False
+        entry = CachedBag(features=tensors[0].view(n, self._dim), coords=tensors[1].view(n, 2))
         with self._lock:
             if index not in self._bags:
                 self._bags[index] = entry
@@ -513,6 +565,25 @@ class SharedHostCache(BagCache):
         if not isinstance(index, (int, np.integer)):
             return False
         return self._map(int(index))
+
+    def _claim(self, index: int) -> Path | None:
+        """Create the claim file of bag ``index``; None when another process holds it (or the
+        folder cannot be written)."""
+        claim = self.directory / f"{int(index)}.claim"
+        for _attempt in range(2):
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                return claim
+            except FileExistsError:
+                return None
+            except FileNotFoundError:  # the last other process out removed the empty folder
+                try:
+                    self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError:
+                    return None
+            except OSError:
+                return None
+        return None
 
     def put(
         self,
@@ -549,37 +620,37 @@ class SharedHostCache(BagCache):
                     self._full_logged = True
                 return False
             self._nbytes += size
-        feats_path, coords_path = self._paths(index)
         # One writer per bag: the process that creates the claim file writes the bag; another that
         # read the same bag meanwhile serves its own read and maps the files later.
-        claim = self.directory / f"{int(index)}.claim"
-        try:
-            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except OSError:
+        claim = self._claim(index)
+        if claim is None:
             with self._lock:
                 self._nbytes -= size
             if not self._map(index):
                 return False
             self._keep_graph(index, edges, k)
             return True
-        self._written.append(claim)
+        done: list[Path] = []
+        feats_path, coords_path = self._paths(index)
         try:
             for path, array in ((coords_path, coords64), (feats_path, feats)):  # features last
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                done.append(tmp)
                 with open(tmp, "wb") as fh:
-                    np.save(fh, array)
+                    fh.write(array.data.cast("B"))
                 os.replace(tmp, path)
-                self._written.append(path)
+                done[-1] = path
+            ok = self._map(index)
         except OSError as exc:
             logger.info("shared host cache %s: cannot write bag %d: %s", self.directory, index, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            ok = False
+        if not ok:  # leave nothing behind, so that another process may cache the bag
+            _remove_written([*done, claim], self.directory, remove_folder=False)
             with self._lock:
                 self._nbytes -= size
             return False
+        self._written.extend([claim, *done])
         self.written += 1
-        if not self._map(index):
-            return False
         self._keep_graph(index, edges, k)
         return True
 
