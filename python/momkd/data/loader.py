@@ -272,19 +272,7 @@ class BagLoader:
             if not self._manual_epoch:
                 self._epoch = epoch + 1
             return
-        prefetcher = _core.BagPrefetcher(
-            self.store.core,
-            store_indices,
-            num_threads=self.num_threads,
-            prefetch=self.prefetch,
-            max_patches=self.max_patches,
-            seed=self.seed,
-            epoch=epoch,
-            knn_k=self.knn_k,
-            dtype=self.dtype,
-            readahead=self.readahead,
-            io_threads=self.io_threads,
-        )
+        prefetcher = self._prefetcher(store_indices, epoch, self.max_patches, self.dtype)
         pin = self.pin_memory and torch.cuda.is_available()
         for pos, expected in zip(positions, store_indices, strict=True):
             index, feats, coords, edges = next(prefetcher)
@@ -301,6 +289,24 @@ class BagLoader:
         if not self._manual_epoch:
             self._epoch = epoch + 1
 
+    def _prefetcher(
+        self, indices: list[int], epoch: int, max_patches: int | None, dtype: str
+    ) -> _core.BagPrefetcher:
+        """The Rust prefetcher over store ``indices`` with this loader's threads and read-ahead."""
+        return _core.BagPrefetcher(
+            self.store.core,
+            indices,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            max_patches=max_patches,
+            seed=self.seed,
+            epoch=epoch,
+            knn_k=self.knn_k,
+            dtype=dtype,
+            readahead=self.readahead,
+            io_threads=self.io_threads,
+        )
+
     def _iter_cached(
         self, epoch: int, positions: list[int], store_indices: list[int]
     ) -> Iterator[Bag]:
@@ -315,19 +321,7 @@ class BagLoader:
         missing = [i for i in store_indices if i not in cached]
         prefetcher = None
         if missing:
-            prefetcher = _core.BagPrefetcher(
-                self.store.core,
-                missing,
-                num_threads=self.num_threads,
-                prefetch=self.prefetch,
-                max_patches=None,
-                seed=self.seed,
-                epoch=epoch,
-                knn_k=self.knn_k,
-                dtype=cache.dtype,
-                readahead=self.readahead,
-                io_threads=self.io_threads,
-            )
+            prefetcher = self._prefetcher(missing, epoch, None, cache.dtype)
 
         def serve(entry: CachedBag, index: int) -> tuple[Any, Any, Any]:
             return serve_bag(
