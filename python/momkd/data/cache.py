@@ -235,25 +235,21 @@ def choose_cache(
         return "host", budget(free_host_bytes(), host_fraction)
     gb = need_bytes / 1e9
     dev_budget = budget(free_device_bytes(device), device_fraction)
-    if need_bytes <= dev_budget:
-        logger.info(
-            "data.cache auto: device (cohort %.2f GB <= %.2f GB, %s%s)",
-            gb,
-            dev_budget / 1e9,
-            share(device_fraction, dev_n, "free GPU memory"),
-            "" if cap is None else f", cache_gb {cache_gb}",
-        )
-        return "device", dev_budget
     host_budget = budget(free_host_bytes(), host_fraction)
-    if need_bytes <= host_budget:
-        logger.info(
-            "data.cache auto: host (cohort %.2f GB <= %.2f GB, %s%s)",
-            gb,
-            host_budget / 1e9,
-            share(host_fraction, host_n, "available RAM"),
-            "" if cap is None else f", cache_gb {cache_gb}",
-        )
-        return "host", host_budget
+    for where, room, fraction, n, of in (
+        ("device", dev_budget, device_fraction, dev_n, "free GPU memory"),
+        ("host", host_budget, host_fraction, host_n, "available RAM"),
+    ):
+        if need_bytes <= room:
+            logger.info(
+                "data.cache auto: %s (cohort %.2f GB <= %.2f GB, %s%s)",
+                where,
+                gb,
+                room / 1e9,
+                share(fraction, n, of),
+                "" if cap is None else f", cache_gb {cache_gb}",
+            )
+            return where, room
     logger.info(
         "data.cache auto: none (cohort %.2f GB fits neither %.2f GB of GPU nor %.2f GB of host "
         "memory%s)",
