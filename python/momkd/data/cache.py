@@ -510,7 +510,7 @@ class SharedHostCache(BagCache):
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.written = 0
         self.mapped = 0
-        self._rows = np.diff(np.asarray(store.offsets, dtype=np.int64))
+        self._rows = store.bag_sizes
         self._dim = int(store.feature_dim)
         self._written: list[Path] = []
         self._finalizer = weakref.finalize(self, _remove_written, self._written, self.directory)
@@ -536,16 +536,17 @@ class SharedHostCache(BagCache):
             return False
         n = int(self._rows[index])
         feats_path, coords_path = self._paths(index)
-        want = (
-            (feats_path, n * self._dim, getattr(torch, self.dtype)),
-            (coords_path, n * 2, torch.int64),
-        )
+        want = ((feats_path, n * self._dim, self.dtype), (coords_path, n * 2, "int64"))
         tensors = []
         for path, count, dtype in want:
             try:
-                if path.stat().st_size != count * torch.empty((), dtype=dtype).element_size():
+                if path.stat().st_size != count * np.dtype(dtype).itemsize:
                     return False
-                tensors.append(torch.from_file(str(path), shared=False, size=count, dtype=dtype))
+                tensors.append(
+                    torch.from_file(
+                        str(path), shared=False, size=count, dtype=getattr(torch, dtype)
+                    )
+                )
             except (OSError, RuntimeError):
                 return False
         entry = CachedBag(features=tensors[0].view(n, self._dim), coords=tensors[1].view(n, 2))
