@@ -171,12 +171,14 @@ def _check_in_store(table: ClinicalTable, store: Any, store_path: Path) -> None:
         )
 
 
-def load_clinical_table(cfg: RunConfig) -> ClinicalTable:
-    """The configured clinical table with its label mapping (``data.*`` keys)."""
+def load_clinical_table(cfg: RunConfig, path: Any = None) -> ClinicalTable:
+    """The configured clinical table (or the one at ``path``, e.g. an external cohort's) with the
+    run's columns and label mapping (``data.*`` keys)."""
     d = cfg.data
-    assert d.clinical is not None
+    path = d.clinical if path is None else path
+    assert path is not None
     return load_clinical(
-        d.clinical,
+        path,
         d.case_column,
         d.slide_column,
         d.label_column,
@@ -267,19 +269,10 @@ def _load_external(
     from momkd.data.store import CohortStore
 
     store = CohortStore.open(ext.store)
-    d = cfg.data
     if ext.clinical is None:
         ids = list(store.slide_ids)
         return store, ids, None, {}, {"store": str(ext.store), "slides": len(ids)}
-    table = load_clinical(
-        ext.clinical,
-        d.case_column,
-        d.slide_column,
-        d.label_column,
-        d.positive,
-        d.negative,
-        case_insensitive=d.label_case_insensitive,
-    )
+    table = load_clinical_table(cfg, ext.clinical)
     _check_in_store(table, store, ext.store)
     report = {
         "store": str(ext.store),
