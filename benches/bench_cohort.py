@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pagecache import cold_unavailable, drop_page_cache
 
 SLIDES = int(
     os.environ.get("MOMKD_BENCH_COHORT_SLIDES", os.environ.get("MOMKD_BENCH_SLIDES", 2000))
@@ -49,7 +50,6 @@ SHARD_MB = float(os.environ.get("MOMKD_BENCH_SHARD_MB", 0))
 THREADS = int(os.environ.get("MOMKD_BENCH_THREADS", min(4, os.cpu_count() or 1)))
 RSS_PATIENTS = [int(v) for v in os.environ.get("MOMKD_BENCH_RSS_PATIENTS", "150,1500").split(",")]
 ROOT = Path(os.environ.get("MOMKD_BENCH_DIR", ".benchmarks/data"))
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 RESULTS: dict[str, Any] = {
     "machine": {"cpus": os.cpu_count(), "threads": THREADS},
@@ -59,19 +59,6 @@ RESULTS: dict[str, Any] = {
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _can_drop() -> str | None:
-    if not DROP_CACHES.exists():
-        return f"{DROP_CACHES} does not exist"
-    if not os.access(DROP_CACHES, os.W_OK):
-        return f"no permission to write {DROP_CACHES} (needs root)"
-    return None
-
-
-def _drop() -> None:
-    subprocess.run(["sync"], check=True)
-    DROP_CACHES.write_text("3\n")
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +121,11 @@ def _once(benchmark, fn):
 
 @pytest.mark.benchmark(group="cohort")
 def test_cold_epoch_read(benchmark, cohort):
-    why = _can_drop()
+    why = cold_unavailable()
     if why is not None:
         pytest.skip(f"cold reads: {why}")
     RESULTS["cold_epoch_read"] = benchmark.pedantic(
-        _epoch_read, args=(cohort,), setup=_drop, rounds=1, iterations=1
+        _epoch_read, args=(cohort,), setup=drop_page_cache, rounds=1, iterations=1
     )
     RESULTS["cold_epoch_read"]["peak_rss_mb"] = _peak_rss_mb()
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pagecache import cold_unavailable, drop_page_cache
 
 THREADS = int(os.environ.get("MOMKD_BENCH_THREADS", min(4, os.cpu_count() or 1)))
 IO_THREADS = int(os.environ.get("MOMKD_BENCH_IO_THREADS", 16))
 ROUNDS = int(os.environ.get("MOMKD_BENCH_ROUNDS", 3))
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 # Alternative stores written next to the benchmark cohort from its TRIDENT files (same bags).
 VARIANTS = {
@@ -68,21 +67,6 @@ def _dir_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _cold_unavailable() -> str | None:
-    """Why the page cache cannot be dropped here (``None`` when it can)."""
-    if not DROP_CACHES.exists():
-        return f"{DROP_CACHES} does not exist (not Linux?)"
-    if not os.access(DROP_CACHES, os.W_OK):
-        return f"no permission to write {DROP_CACHES} (cold reads need root)"
-    return None
-
-
-def drop_page_cache() -> None:
-    """Flush dirty pages and drop the page cache (clean pages, dentries and inodes)."""
-    subprocess.run(["sync"], check=True)
-    DROP_CACHES.write_text("3\n")
 
 
 def _variant_store(root: Path, name: str) -> Path | None:
@@ -311,10 +295,6 @@ def _supports(option: str) -> bool:
     return option in inspect.signature(BagLoader).parameters
 
 
-def _supports_float16() -> bool:
-    return _supports("dtype")
-
-
 # --------------------------------------------------------------------------- benchmarks
 
 
@@ -353,13 +333,13 @@ def test_read(benchmark, setup, cache, contender):
     reader, disk_key = CONTENDERS[contender]
     if disk_key not in setup["stores"] and disk_key not in ("h5", "pt"):
         pytest.skip(f"no {disk_key} variant of the store (this momkd cannot write it)")
-    if contender == "momkd-float16" and not _supports_float16():
+    if contender == "momkd-float16" and not _supports("dtype"):
         pytest.skip("this momkd's BagLoader has no dtype option")
     if contender == "momkd-1-io-thread" and not _supports("io_threads"):
         pytest.skip("this momkd's BagLoader has no io_threads option")
     benchmark.group = f"{cache} consume-and-drop"
     if cache in ("cold", "first-read"):
-        why = _cold_unavailable()
+        why = cold_unavailable()
         if why is not None:
             pytest.skip(f"{cache} reads: {why}")
     if cache == "first-read":
@@ -398,5 +378,5 @@ def test_contenders_agree(setup):
     for key in setup["stores"]:
         if key != "default":  # same float16 values, other codec or layout
             assert read_momkd(setup, key) == pytest.approx(a, rel=1e-9), key
-    if _supports_float16():
+    if _supports("dtype"):
         assert read_momkd(setup, dtype="float16") == pytest.approx(a, rel=1e-9)
