@@ -189,14 +189,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("method", ["abmil", "batchkd"])
+@pytest.mark.parametrize("method", ["abmil", "batchkd", "meanpool", "momkd_histo"])
 def test_baseline_trains_and_predicts(
     method: str, cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from momkd.train.evaluate import predict
     from momkd.train.runner import train
 
-    config = cohort / ("no_expr.yaml" if method == "abmil" else "with_expr.yaml")
+    config = cohort / ("with_expr.yaml" if method == "batchkd" else "no_expr.yaml")
     cfg = load_config(config, overrides=[f"model.method={method}"])
     summary = train(cfg, out_dir=tmp_path / "run", progress=False)
     assert summary["method"] == method

@@ -38,8 +38,9 @@ model: {{hidden: 32, omics_width: 16, omics_hidden: 16, sphere: 8, memory_k: 2,
         classifier_hidden: 16, attention_dim: 16, dropout: 0.0, attn_dropout: 0.0,
         omics_dropout: 0.0}}
 memory: {{init_per_class: 400}}
-train: {{epochs: 14, min_epochs: 14, patience: 14, plateau_patience: 100, lr: 1.0e-3,
-        num_threads: 1, seed: 0}}
+train: {{epochs: 14, min_epochs: 14, patience: 14, lr: 1.0e-3, schedule: constant,
+        warmup_epochs: 0, ema: null, weight_decay: 1.0e-4, monitor: val_loss, num_threads: 1,
+        seed: 0}}
 """
 
 

@@ -30,7 +30,8 @@ genomics: {{n_genes: 12}}
 model: {{hidden: 16, omics_width: 16, omics_hidden: 16, sphere: 8, memory_k: 2,
         classifier_hidden: 8, attention_dim: 8}}
 memory: {{init_per_class: 400}}
-train: {{epochs: 2, min_epochs: 1, patience: 2, seed: 1, num_threads: 1}}
+train: {{epochs: 2, min_epochs: 1, patience: 2, seed: 1, num_threads: 1, schedule: plateau,
+        monitor: val_loss, lr: 2.0e-4, ema: null}}
 """
 
 
@@ -166,7 +167,7 @@ def test_small_validation_set_warns_once_per_fold(
     assert len(warnings) == 1
     val = [r["val"] for r in _read_csv(tmp_path / "run/splits/splits_0.csv") if r["val"].strip()]
     assert f"fold 0: small validation set ({len(val)} slides" in warnings[0]
-    assert "val_fraction: 0" in warnings[0]
+    assert "train.monitor: last" in warnings[0]
 
 
 def test_without_validation_every_epoch_runs_and_the_last_is_kept(

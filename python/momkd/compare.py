@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from momkd.errors import ConfigError, DataError
+from momkd.methods import METHODS
 
 __all__ = [
     "MethodSpec",
@@ -67,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_METHODS = ("momkd", "abmil", "batchkd")
+_METHODS = tuple(METHODS)
 _LEVEL = 0.95
 
 
@@ -205,7 +206,7 @@ def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
         return folder
     base.require_inputs()
     table = load_clinical_table(base)
-    if any(s.method in ("momkd", "batchkd") for s in specs):
+    if any(METHODS[s.method].expression for s in specs):
         # Splits over the slides every method can use: those of patients with expression.
         table, _, _ = with_expression(base, table)
     # The same rule as `momkd train`: user split files resolved against the table, else new ones;

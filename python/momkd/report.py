@@ -374,6 +374,15 @@ _LOSS_TERMS = {
 }
 
 
+#: Legend names of curves whose key alone does not say what they are.
+_CURVE_LABELS = {
+    "val_auc": "val_auc (histology branch: the student)",
+    "val_auc_teacher": "val_auc_teacher (omics branch alone: the teacher)",
+    "train_align_omics": "train_align_omics (teacher to memory)",
+    "train_align_wsi": "train_align_wsi (slide to memory)",
+}
+
+
 def _curve_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     keys: dict[str, None] = {}
     for rec in history:
@@ -431,7 +440,8 @@ def _training_figure(history: Sequence[Mapping[str, Any]], path: Path, title: st
             vals = np.array([f.get(key, np.nan) for f in flat], dtype=np.float64)
             if np.all(np.isnan(vals)):
                 continue
-            ax.plot(epochs, vals, lw=1.4, ls="--" if key.startswith("val") else "-", label=key)
+            label = _CURVE_LABELS.get(key, key)
+            ax.plot(epochs, vals, lw=1.4, ls="--" if key.startswith("val") else "-", label=label)
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if group == "lr" and all(np.nanmin([f.get(k, np.nan) for f in flat]) > 0 for k in keys):

@@ -104,7 +104,7 @@ def load_fold_model(
     if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict):
         raise MomkdError(f"checkpoint {path}: no model_config {{method, params}}")
     method = spec.get("method") or state.get("method")
-    if method != "momkd":
+    if method not in ("momkd", "momkd_histo"):
         raise MomkdError(
             f"checkpoint {path}: method {method!r} has no class memory; explain needs a momkd run"
         )

@@ -81,20 +81,19 @@ class ModelConfig:
     momentum_sources: tuple[str, ...] = ("omics",)
     omics_hidden: int = 512
     input_residual: str = "auto"
+    omics: bool = True
 
     def __post_init__(self) -> None:
         self.momentum_sources = tuple(self.momentum_sources)
-        for key in (
-            "d_in",
-            "hidden",
-            "omics_width",
-            "sphere",
-            "memory_k",
-            "genes",
-            "classifier_hidden",
-            "omics_hidden",
-            "dead_after",
-        ):
+        keys = ["d_in", "hidden", "sphere", "memory_k", "classifier_hidden", "dead_after"]
+        if self.omics:
+            keys += ["omics_width", "genes", "omics_hidden"]
+        elif "omics" in self.momentum_sources:
+            raise ConfigError(
+                "memory.momentum_sources: 'omics' needs the omics branch (method momkd_histo has "
+                "none; use [wsi])"
+            )
+        for key in keys:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
@@ -247,13 +246,19 @@ class MoMKD(nn.Module):
             cfg.hidden, cfg.classifier_hidden, cfg.n_classes, cfg.dropout
         )
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init), dtype=torch.float32))
-        self.omics_encoder = OmicsEncoder(
-            cfg.genes, cfg.omics_width, cfg.omics_hidden, cfg.omics_dropout
-        )
-        self.omics_decoder = OmicsDecoder(
-            cfg.omics_width, cfg.genes, cfg.omics_hidden, cfg.omics_dropout
-        )
-        self.omics_projector = SphereProjector(cfg.omics_width, cfg.sphere)
+        # Without the omics branch (``omics=False``, the ``momkd_histo`` ablation) the model has no
+        # omics parameters at all, so no genomics term can reach the histology branch.
+        self.omics_encoder: OmicsEncoder | None = None
+        self.omics_decoder: OmicsDecoder | None = None
+        self.omics_projector: SphereProjector | None = None
+        if cfg.omics:
+            self.omics_encoder = OmicsEncoder(
+                cfg.genes, cfg.omics_width, cfg.omics_hidden, cfg.omics_dropout
+            )
+            self.omics_decoder = OmicsDecoder(
+                cfg.omics_width, cfg.genes, cfg.omics_hidden, cfg.omics_dropout
+            )
+            self.omics_projector = SphereProjector(cfg.omics_width, cfg.sphere)
         self.memory = ClassMemory(
             cfg.memory_k, cfg.sphere, cfg.memory_update, cfg.momentum, cfg.dead_after
         )
@@ -335,10 +340,8 @@ class MoMKD(nn.Module):
 
         z_o: Tensor | None = None
         recon: Tensor | None = None
-        if expression is not None:
-            h_o = self.omics_encoder(self._expression(expression, b))
-            z_o = self.omics_projector(h_o)
-            recon = self.omics_decoder(h_o)
+        if expression is not None and self.cfg.omics:
+            z_o, recon = self._omics(self._expression(expression, b))
         return MoMKDOutput(
             logits=logits,
             attention=attention,
@@ -353,6 +356,38 @@ class MoMKD(nn.Module):
             assign_neg=assign_neg,
             segment_offsets=segment_offsets,
         )
+
+    def _omics(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.omics_encoder is not None and self.omics_projector is not None
+        assert self.omics_decoder is not None
+        h_o = self.omics_encoder(g)
+        return self.omics_projector(h_o), self.omics_decoder(h_o)
+
+    @torch.no_grad()
+    def teacher_score(self, expression: Tensor, temp: float = 5.0) -> Tensor:
+        """The omics branch's own class score, Δ(z_o) = φ(z_o, C⁺) − φ(z_o, C⁻) (docs/METHOD.md
+        §2.4), for B patients in the current mode: how well the teacher separates the classes.
+
+        Parameters
+        ----------
+        expression : Tensor
+            (B, G) preprocessed expression.
+        temp : float
+            Temperature of the log-sum-exp similarity φ (``loss.align_temp``).
+
+        Returns
+        -------
+        Tensor
+            (B,) float32; higher means closer to the positive memory.
+        """
+        from momkd.losses import phi
+
+        if not self.cfg.omics:
+            raise ConfigError("teacher_score: this model has no omics branch")
+        z_o, _ = self._omics(self._expression(expression, expression.shape[0]))
+        c_pos_hat, c_neg_hat = self.memory.normalized()
+        z = z_o.float()
+        return phi(z, c_pos_hat, temp) - phi(z, c_neg_hat, temp)
 
     @torch.no_grad()
     def predict(self, features: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from momkd.data.cache import BagCache, shared_cache
 from momkd.data.loader import Bag, BagLoader
 from momkd.data.store import CohortStore
 from momkd.errors import ConfigError, DataError, MomkdError
+from momkd.methods import METHODS, learning_rate, method_info
 from momkd.metrics import binary_metrics, bootstrap_auc_ci, evaluate_with_threshold
 from momkd.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -75,8 +77,14 @@ from momkd.train.checkpoint import (
     save_checkpoint,
 )
 from momkd.train.distributed import Dist, shard, unshard
+from momkd.train.ema import WeightEMA
 from momkd.train.sampler import ClassBalancedSampler
-from momkd.train.standardize import FeatureStats, attach_standardizer, fit_feature_stats
+from momkd.train.standardize import (
+    FeatureStats,
+    attach_input_dropout,
+    attach_standardizer,
+    fit_feature_stats,
+)
 
 __all__ = [
     "METHODS",
@@ -86,6 +94,7 @@ __all__ = [
     "InferenceResult",
     "build_model",
     "collate",
+    "drop_patches",
     "loss_weights_for",
     "model_spec_for",
     "read_csv_predictions",
@@ -98,7 +107,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("momkd", "abmil", "batchkd")
+_METHOD_NAMES = ", ".join(METHODS)
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -162,13 +171,15 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
     m = cfg.model
     method = m.method
     if method not in METHODS:
-        raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+        raise ConfigError(f"model.method: unknown method {method!r} ({_METHOD_NAMES})")
     assert m.hidden is not None and m.sphere is not None
-    if method == "momkd":
+    if method in ("momkd", "momkd_histo"):
+        omics = method == "momkd"
         if m.heads != 2:
             raise ConfigError(f"model.heads: MoMKD uses 2 GATv2 heads, got {m.heads}")
-        if genes is None:
+        if omics and genes is None:
             raise ConfigError("data.expression: required by method momkd")
+        sources = list(cfg.memory.momentum_sources) if omics else ["wsi"]
         params: dict[str, Any] = {
             "d_in": d_in,
             "hidden": m.hidden,
@@ -176,7 +187,7 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "omics_hidden": m.omics_hidden,
             "sphere": m.sphere,
             "memory_k": m.memory_k,
-            "genes": genes,
+            "genes": genes if omics else 0,
             "dropout": m.dropout,
             "omics_dropout": m.omics_dropout,
             "attn_dropout": m.attn_dropout,
@@ -187,9 +198,12 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "memory_update": cfg.memory.update,
             "momentum": cfg.memory.momentum,
             "dead_after": cfg.memory.dead_after,
-            "momentum_sources": list(cfg.memory.momentum_sources),
+            "momentum_sources": sources,
             "input_residual": m.input_residual,
+            "omics": omics,
         }
+    elif method == "meanpool":
+        params = {"d_in": d_in, "hidden": m.meanpool_hidden, "dropout": m.dropout}
     elif method == "abmil":
         params = {
             "d_in": d_in,
@@ -213,7 +227,12 @@ def model_spec_for(cfg: RunConfig, d_in: int, genes: int | None) -> dict[str, An
             "temperature": m.batchkd_temperature,
             "kd_weight": cfg.loss.batchkd,
         }
-    return {"method": method, "params": params, "standardize": cfg.data.standardize == "train"}
+    return {
+        "method": method,
+        "params": params,
+        "standardize": cfg.data.standardize == "train",
+        "input_dropout": float(cfg.train.feature_dropout),
+    }
 
 
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
@@ -227,7 +246,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     method = spec.get("method")
     params = dict(spec.get("params", {}))
     model: nn.Module
-    if method == "momkd":
+    if method in ("momkd", "momkd_histo"):
         from momkd.model.momkd import ModelConfig, MoMKD
 
         params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
@@ -242,17 +261,24 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         from momkd.model.batchkd import BatchKD, BatchKDConfig
 
         model = BatchKD(BatchKDConfig(**params))
+    elif method == "meanpool":
+        from momkd.model.meanpool import MeanPool, MeanPoolConfig
+
+        model = MeanPool(MeanPoolConfig(**params))
     else:
-        raise ConfigError(f"model.method: unknown method {method!r} (momkd, abmil, batchkd)")
+        raise ConfigError(f"model.method: unknown method {method!r} ({_METHOD_NAMES})")
     if spec.get("standardize"):
         # Identity until the fold's statistics are fitted or a checkpoint's buffers are loaded.
         attach_standardizer(model, int(params["d_in"]))
+    # After the standardiser, so that dropped entries are set to the training mean.
+    attach_input_dropout(model, float(spec.get("input_dropout", 0.0)))
     return model
 
 
 def loss_weights_for(cfg: RunConfig) -> Any:
-    """:class:`~momkd.model.momkd.LossWeights` from ``cfg.loss`` (MoMKD only; None otherwise)."""
-    if cfg.model.method != "momkd":
+    """:class:`~momkd.model.momkd.LossWeights` from ``cfg.loss`` (MoMKD and its ablation; None
+    otherwise)."""
+    if not method_info(cfg.model.method).memory:
         return None
     from momkd.model.momkd import LossWeights
 
@@ -262,12 +288,17 @@ def loss_weights_for(cfg: RunConfig) -> Any:
 
 def uses_graph(method: str) -> bool:
     """Whether the method's histology branch needs the k-NN graph."""
-    return method == "momkd"
+    return method_info(method).graph
 
 
 def uses_expression(method: str) -> bool:
     """Whether the method trains with expression."""
-    return method in ("momkd", "batchkd")
+    return method_info(method).expression
+
+
+def has_memory(method: str) -> bool:
+    """Whether the method has MoMKD's class memory (initialisation, usage statistics)."""
+    return method_info(method).memory
 
 
 def batch_size_for(cfg: RunConfig) -> int:
@@ -382,6 +413,37 @@ def merge_bags(unit_id: str, bags: Sequence[Bag]) -> Bag:
             offset += b.n_patches
         edges = torch.cat(parts, dim=1)
     return Bag(unit_id, bags[0].index, feats, coords, edges)
+
+
+def drop_patches(bag: Bag, rate: float) -> Bag:
+    """Patch dropout: a random subset of ``round((1 - rate) * P)`` patches (at least one), in their
+    original order, drawn from torch's global generator (seeded per fold and saved in
+    checkpoints). The k-NN graph keeps the edges between kept patches, renumbered.
+
+    Parameters
+    ----------
+    bag : Bag
+        A training bag with ``features`` (P, D) and optionally ``edge_index`` (2, E).
+    rate : float
+        Share of patches to drop, in [0, 1).
+
+    Returns
+    -------
+    Bag
+        The same bag when nothing is dropped, else a new one.
+    """
+    n = bag.n_patches
+    keep = max(1, int(round((1.0 - rate) * n)))
+    if rate <= 0.0 or keep >= n:
+        return bag
+    idx = torch.randperm(n)[:keep].sort().values
+    edges = None
+    if bag.edge_index is not None:
+        new_id = torch.full((n,), -1, dtype=torch.int64)
+        new_id[idx] = torch.arange(keep, dtype=torch.int64)
+        mapped = new_id[bag.edge_index.to(torch.int64)]
+        edges = mapped[:, (mapped >= 0).all(dim=0)].contiguous()
+    return Bag(bag.slide_id, bag.index, bag.features[idx], bag.coords[idx], edges)
 
 
 class UnitLoader:
@@ -683,6 +745,9 @@ class FoldData:
         Patient -> preprocessed (G,) float32 expression of the training patients (None for abmil).
     genomics_state : dict | None
         The fold's fitted :class:`~momkd.train.genomics.GenomicsPreprocessor` state.
+    val_expression : dict[str, np.ndarray] | None
+        Patient -> expression of the validation patients, preprocessed with the statistics fitted
+        on the training patients (never used for training; MoMKD's teacher AUC in the history).
     external : tuple | None
         ``(store, slide_ids, labels | None, cases)`` of the external cohort.
     members : dict[str, list[str]] | None
@@ -700,6 +765,7 @@ class FoldData:
     cases: dict[str, str]
     expression: dict[str, np.ndarray] | None = None
     genomics_state: dict[str, Any] | None = None
+    val_expression: dict[str, np.ndarray] | None = None
     external: tuple[CohortStore, list[str], dict[str, int] | None, dict[str, str]] | None = None
     members: dict[str, list[str]] | None = None
     external_members: dict[str, list[str]] | None = None
@@ -761,6 +827,7 @@ class FoldTrainer:
                 raise DataError(f"fold {data.fold}: method {self.method} needs expression")
             genes = int(next(iter(data.expression.values())).shape[0])
         self.spec = model_spec_for(cfg, store.feature_dim, genes)
+        self.lr = learning_rate(self.method, cfg.train.lr)
         self.weights = loss_weights_for(cfg)
         self.batch_size = batch_size_for(cfg)
         self.loader_threads = 1 if cfg.train.deterministic else cfg.train.num_threads
@@ -785,7 +852,7 @@ class FoldTrainer:
         self.model = build_model(self.spec).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay
+            params, lr=self.lr, weight_decay=self.cfg.train.weight_decay
         )
         train_labels = [self.data.labels[s] for s in self.data.train]
         self.sampler = ClassBalancedSampler(
@@ -797,8 +864,14 @@ class FoldTrainer:
         )
         t = self.cfg.train
         self.monitor = Monitor(
-            t.patience, t.min_epochs, float(t.min_delta), plateau_patience=t.plateau_patience
+            t.patience,
+            t.min_epochs,
+            float(t.min_delta),
+            plateau_patience=t.plateau_patience if t.schedule == "plateau" else None,
         )
+        self.ema = WeightEMA(self.model, float(t.ema)) if t.ema is not None else None
+        # Steps of one epoch: the same on every rank (the draw is padded to a multiple of W).
+        self.steps_per_epoch = max(1, math.ceil(len(self.sampler.indices(0)) / self.batch_size))
         self.state = _State()
         self.net: nn.Module = self.model  # the DistributedDataParallel wrapper once training starts
         if self.dist.rank > 0:
@@ -859,6 +932,8 @@ class FoldTrainer:
                 "world_size": self.dist.world_size,
             }
         )
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         if self.dist.enabled:
             state["rng_ranks"] = rngs
         save_checkpoint(self.dir / "last.pt", state)
@@ -869,7 +944,10 @@ class FoldTrainer:
         state = self._meta("best")
         state.update(
             {
-                "model": self.model.state_dict(),
+                # The kept model is the weight average when train.ema is on.
+                "model": self.ema.model_state(self.model)
+                if self.ema is not None
+                else self.model.state_dict(),
                 "val_auc": val_auc,
                 "monitor": self.cfg.train.monitor,
                 "score": score,
@@ -895,6 +973,13 @@ class FoldTrainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.sampler.load_state_dict(ckpt["sampler"])
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise MomkdError(
+                    f"checkpoint {self.dir / 'last.pt'} has no weight average (train.ema); resume "
+                    "with the configuration it was written with"
+                )
+            self.ema.load_state_dict(ckpt["ema"])
         self.monitor.load_state_dict(ckpt["monitor"])
         self.state = _State(
             epoch=int(ckpt["epoch"]),
@@ -970,20 +1055,22 @@ class FoldTrainer:
                 self.cfg.train.epochs,
             )
             return
+        if self.cfg.train.monitor == "last":
+            return  # the validation set selects nothing; it only feeds the history
         n_pos = sum(d.labels[s] for s in d.val)
         n_neg = len(d.val) - n_pos
         if len(d.val) < 20 or min(n_pos, n_neg) < 5:
             unit = "patients" if d.members is not None else "slides"
             log.warning(
-                "fold %d: small validation set (%d %s: %d positive, %d negative); model "
-                "selection on it is noisy and the validation AUC saturates early: prefer "
-                "train.monitor: val_loss with train.min_delta, a larger splits.val_fraction, or "
-                "splits.val_fraction: 0 (fixed train.epochs, last model kept)",
+                "fold %d: small validation set (%d %s: %d positive, %d negative) for "
+                "train.monitor: %s; model selection on it is noisy: prefer train.monitor: last "
+                "(a fixed budget, the last epoch kept) or a larger splits.val_fraction",
                 d.fold,
                 len(d.val),
                 unit,
                 n_pos,
                 n_neg,
+                self.cfg.train.monitor,
             )
 
     @torch.no_grad()
@@ -1095,7 +1182,10 @@ class FoldTrainer:
         after_step = getattr(model, "after_optimizer_step", None)
         reduce_fn = self.dist.memory_reduce_fn()
         params = [p for p in model.parameters() if p.requires_grad]
+        patch_dropout = float(self.cfg.train.patch_dropout)
         for bags in _chunks(iter(loader), len(ids), self.batch_size, wait):
+            if patch_dropout > 0.0:
+                bags = [drop_patches(b, patch_dropout) for b in bags]
             feats, edges, offsets = collate(bags, self.device, graph=self.graph)
             slide_ids = [b.slide_id for b in bags]
             y = torch.tensor([self.data.labels[s] for s in slide_ids], device=self.device)
@@ -1116,7 +1206,13 @@ class FoldTrainer:
             loss.backward()
             if self.cfg.train.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_norm)
+            lr = self.scheduled_lr(self.state.step)
+            if lr is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(model)
             if after_step is not None:
                 if reduce_fn is not None:  # momentum statistics summed over the ranks
                     after_step(out, y, reduce_fn=reduce_fn)
@@ -1151,6 +1247,28 @@ class FoldTrainer:
         )
         return row
 
+    def scheduled_lr(self, step: int) -> float | None:
+        """Learning rate of optimizer step ``step`` (0-based) under ``train.schedule``; ``None``
+        for ``plateau``, whose rate lives in the optimizer and is cut by :class:`Monitor`.
+
+        ``constant``: ``lr``; ``cosine``: ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 at
+        the end of the warm-up to 1 at the last step of ``train.epochs``; both after a linear
+        warm-up over ``train.warmup_epochs`` (step ``i`` of ``w`` warm-up steps: ``lr * (i+1)/w``).
+        A pure function of the step, so a resumed run replays the schedule exactly.
+        """
+        t = self.cfg.train
+        if t.schedule == "plateau":
+            return None
+        base = self.lr
+        warm = int(round(float(t.warmup_epochs) * self.steps_per_epoch))
+        if step < warm:
+            return base * (step + 1) / warm
+        if t.schedule == "constant":
+            return base
+        total = int(t.epochs) * self.steps_per_epoch
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def _validate(self) -> InferenceResult:
         return run_inference(
             self.model,
@@ -1160,7 +1278,7 @@ class FoldTrainer:
             device=self.device,
             knn_k=self.knn_k,
             labels=self.data.labels,
-            collect_usage=self.method == "momkd",
+            collect_usage=has_memory(self.method),
             num_threads=self.loader_threads,
             prefetch=self.cfg.train.prefetch,
             members=self.data.members,
@@ -1174,10 +1292,10 @@ class FoldTrainer:
         val_auc``) or the negative validation loss (``val_loss``, and the fallback when the AUC is
         undefined because the validation set has one class).
 
-        Without validation slides the score is the epoch number: the last epoch is kept and
-        neither the learning rate schedule nor early stopping ever triggers.
+        Without validation slides, and with ``train.monitor: last``, the score is the epoch number:
+        the last epoch is kept and neither the plateau schedule nor early stopping ever triggers.
         """
-        if not res.slide_ids:
+        if not res.slide_ids or self.cfg.train.monitor == "last":
             return float(epoch)
         if self.cfg.train.monitor == "val_auc" and math.isfinite(val_auc):
             return val_auc
@@ -1204,7 +1322,9 @@ class FoldTrainer:
             self.sampler.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch}
             row.update(self._train_epoch(epoch))
-            val = self._validate()
+            with self.ema.applied(self.model) if self.ema is not None else _nullcontext():
+                val = self._validate()
+                teacher_auc = self._teacher_auc()
             val_auc = math.nan
             if val.slide_ids and self._val_has_both():
                 y_val = np.array([self.data.labels[s] for s in val.slide_ids])
@@ -1218,6 +1338,8 @@ class FoldTrainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = float(group["lr"]) * float(cfg.train.plateau_factor)
             row["val_auc"] = val_auc
+            if teacher_auc is not None:
+                row["val_auc_teacher"] = teacher_auc
             row["val_loss"] = val.loss
             row["score"] = score
             row["val_seconds"] = val.seconds
@@ -1258,6 +1380,35 @@ class FoldTrainer:
             bar.set_postfix(val_auc=f"{val_auc:.3f}", kept=self.monitor.best_epoch)
         bar.close()
         self.state.finished = True
+
+    @torch.no_grad()
+    def _teacher_auc(self) -> float | None:
+        """Validation AUC of the omics branch alone (MoMKD's teacher): each validation unit's
+        patient expression, preprocessed with the fold's training statistics, scored by
+        Δ(z_o) = φ(z_o, C⁺) − φ(z_o, C⁻) against the class memory. None for other methods or
+        without validation expression."""
+        expr = self.data.val_expression
+        score_fn = getattr(self.model, "teacher_score", None)
+        if (
+            not expr
+            or score_fn is None
+            or not getattr(self.model.cfg, "omics", False)  # type: ignore[union-attr]
+            or not self._val_has_both()
+        ):
+            return None
+        units = [u for u in self.data.val if self.data.cases[u] in expr]
+        if len({self.data.labels[u] for u in units}) < 2:
+            return None
+        x = torch.from_numpy(np.stack([expr[self.data.cases[u]] for u in units])).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            temp = float(self.cfg.loss.align_temp)
+            scores = score_fn(x, temp=temp).float().cpu().numpy().astype(np.float64)
+        finally:
+            self.model.train(was_training)
+        y = np.array([self.data.labels[u] for u in units])
+        return float(binary_metrics(y, scores)["auc"])
 
     def _val_has_both(self) -> bool:
         y = {self.data.labels[s] for s in self.data.val}
@@ -1437,7 +1588,7 @@ class FoldTrainer:
         else:
             if self.spec.get("standardize"):
                 self._fit_standardizer()
-            if self.method == "momkd":
+            if has_memory(self.method):
                 self._init_memory()
         self.fit()
         result = self.evaluate()

@@ -50,6 +50,7 @@ from momkd.data.clinical import (
     require_cases,
 )
 from momkd.errors import ConfigError, DataError
+from momkd.methods import METHODS
 from momkd.metrics import (
     aggregate,
     binary_metrics,
@@ -225,12 +226,12 @@ def _load_inputs(
     store = CohortStore.open(d.store)
     table = load_clinical_table(cfg)
     _check_in_store(table, store, d.store)
-    if cfg.model.method == "momkd":  # the only method whose encoder reads the patch graph
-        store.warn_grid_coords(table.slide_ids, "method momkd")
+    if METHODS[cfg.model.method].graph:  # MoMKD's encoder reads the patch graph
+        store.warn_grid_coords(table.slide_ids, f"method {cfg.model.method}")
     expression = None
     skipped: list[str] = []
     n_before = len(table)
-    if cfg.model.method in ("momkd", "batchkd"):
+    if METHODS[cfg.model.method].expression:
         table, expression, skipped = with_expression(cfg, table)
     labels = table.labels
     report = {
@@ -638,10 +639,12 @@ def _run_folds(
                 full,
                 cfg.splits.train_fraction,
             )
-        expr_map, genomics_state = None, None
+        expr_map, genomics_state, val_expr = None, None, None
         if uses_expression(cfg.model.method):
             assert expression is not None
-            expr_map, genomics_state = _fold_genomics(cfg, split, expression, label_of, case_of)
+            expr_map, genomics_state, val_expr = _fold_genomics(
+                cfg, split, expression, label_of, case_of
+            )
         data = FoldData(
             fold=fold,
             train=list(split.train),
@@ -651,6 +654,7 @@ def _run_folds(
             cases=case_of,
             expression=expr_map,
             genomics_state=genomics_state,
+            val_expression=val_expr,
             external=external[:4] if external is not None else None,
         )
         if members is not None:
@@ -719,8 +723,9 @@ def _fold_genomics(
     expression: Expression,
     label_of: Mapping[str, int],
     case_of: Mapping[str, str],
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fit the preprocessing on the fold's training patients; transform those patients."""
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
+    """Fit the preprocessing on the fold's training patients; transform those patients, and the
+    validation patients with the same (training) statistics for the teacher's validation AUC."""
     cases: dict[str, int] = {}
     for s in split.train:
         cases.setdefault(case_of[s], label_of[s])
@@ -729,7 +734,15 @@ def _fold_genomics(
     y = np.array([cases[c] for c in train_cases], dtype=np.int64)
     pre = preprocessor_from_config(cfg)
     z = pre.fit(x, y, expression.gene_names).transform(x)
-    return {c: z[i] for i, c in enumerate(train_cases)}, pre.state_dict()
+    val_cases = [c for c in dict.fromkeys(case_of[s] for s in split.val) if c not in cases]
+    have = set(expression.case_ids)
+    val_cases = [c for c in val_cases if c in have]
+    val = pre.transform(expression.rows(val_cases)) if val_cases else np.zeros((0, z.shape[1]))
+    return (
+        {c: z[i] for i, c in enumerate(train_cases)},
+        pre.state_dict(),
+        {c: val[i] for i, c in enumerate(val_cases)},
+    )
 
 
 def _nan_metrics(d: Mapping[str, Any]) -> dict[str, Any]:

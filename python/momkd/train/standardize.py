@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureStats", "attach_standardizer", "fit_feature_stats", "has_standardizer"]
+__all__ = [
+    "FeatureStats",
+    "attach_input_dropout",
+    "attach_standardizer",
+    "fit_feature_stats",
+    "has_standardizer",
+]
 
 #: Features whose standard deviation is below this are only centred (scale 1).
 MIN_STD = 1e-6
@@ -135,3 +141,37 @@ def attach_standardizer(model: nn.Module, dim: int, stats: FeatureStats | None =
 def has_standardizer(model: nn.Module) -> bool:
     """Whether :func:`attach_standardizer` was applied to ``model``."""
     return isinstance(getattr(model, "feature_mean", None), Tensor)
+
+
+def _input_dropout_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    rate = float(module.input_dropout)  # type: ignore[arg-type]
+    if not module.training or rate <= 0.0:
+        return args
+    return (torch.nn.functional.dropout(args[0], rate, training=True), *args[1:])
+
+
+def attach_input_dropout(model: nn.Module, rate: float) -> nn.Module:
+    """Dropout on the model's input features in training mode (``train.feature_dropout``).
+
+    A forward pre-hook registered after the standardiser (attach that first), so entries are
+    dropped from the standardised features, i.e. set to the training mean. In eval mode the hook
+    does nothing, so checkpoints predict as without it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model whose ``forward`` takes the (N, D) features as its first positional argument.
+    rate : float
+        Drop probability in [0, 1).
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"input dropout must be in [0, 1), got {rate}")
+    model.input_dropout = float(rate)  # type: ignore[assignment]
+    if rate > 0.0:
+        model.register_forward_pre_hook(_input_dropout_hook)
+    return model
