@@ -173,21 +173,27 @@ def test_demo_quick(tmp_path: Path) -> None:
     report = run_demo(tmp_path / "demo", quick=True, echo=lines.append, progress=False)
     text = "\n".join(lines)
     assert "loader:" in text and "ingest:" in text
-    assert "momkd" in text and "abmil" in text
-    for method in ("momkd", "abmil"):
+    assert "momkd" in text and "abmil" in text and "meanpool" in text
+    for method in ("momkd", "abmil", "meanpool"):
         summary = json.loads((tmp_path / "demo" / "runs" / method / "summary.json").read_text())
         r = report["methods"][method]
         assert r["test_auc_mean"] == pytest.approx(summary["mean"]["auc"])
         assert r["external_ensemble_auc"] == pytest.approx(summary["external"]["ensemble"]["auc"])
         assert summary["data"]["store"].endswith("ingested.zarr")
-    # Pooled AUCs with CIs and the paired difference MoMKD - ABMIL on the same test slides.
-    assert "paired difference MoMKD - ABMIL (test slides)" in text and "DeLong" in text
+    # Pooled AUCs with CIs and the paired differences on the same test slides, each method
+    # against the ones after it: MoMKD - ABMIL, MoMKD - meanpool, ABMIL - meanpool.
+    assert "DeLong" in text
     comp = json.loads((tmp_path / "demo" / "comparison.json").read_text())
-    (pair,) = comp["paired"]
-    assert (pair["a"], pair["b"]) == ("momkd", "abmil")
-    pooled = {m: comp["methods"][m]["pooled_auc"]["value"] for m in ("momkd", "abmil")}
-    assert pair["auc_diff"] == pytest.approx(pooled["momkd"] - pooled["abmil"])
-    assert f"{pair['auc_diff']:+.3f}" in text
+    pairs = {(p["a"], p["b"]): p for p in comp["paired"]}
+    assert set(pairs) == {("momkd", "abmil"), ("momkd", "meanpool"), ("abmil", "meanpool")}
+    pooled = {m: comp["methods"][m]["pooled_auc"]["value"] for m in ("momkd", "abmil", "meanpool")}
+    names = {"momkd": "MoMKD", "abmil": "ABMIL", "meanpool": "meanpool"}
+    for (a, b), pair in pairs.items():
+        assert pair["auc_diff"] == pytest.approx(pooled[a] - pooled[b])
+        line = (
+            f"paired difference {names[a]} - {names[b]} (test slides): AUC {pair['auc_diff']:+.3f}"
+        )
+        assert line in text
     assert (tmp_path / "demo" / "comparison.html").is_file()
     oracle = json.loads((tmp_path / "demo" / "data" / "oracle.json").read_text())
     assert report["oracle"] == oracle["oracle_auc"][report["label"]]

@@ -49,11 +49,7 @@ METHOD_DEFAULTS = {
     "loss.align_scale": 20.0,
     "loss.align_temp": 5.0,
     "loss.batchkd": 1.0,
-    "train.epochs": 100,
-    "train.min_epochs": 50,
     "train.patience": 20,
-    "train.lr": 2e-4,
-    "train.weight_decay": 1e-4,
     "train.clip_norm": 16.0,
     "train.batch_size": 1,
     "train.plateau_patience": 5,
@@ -68,6 +64,31 @@ METHOD_DEFAULTS = {
     "train.folds": None,
     "train.bootstrap": 0,
     "train.knn_k": 8,
+}
+
+
+#: The released code's optimisation (docs/METHOD.md §2.6), which `init-config --preset official`
+#: must reproduce exactly.
+RELEASED = {
+    "train.epochs": 100,
+    "train.min_epochs": 50,
+    "train.patience": 20,
+    "train.lr": 2e-4,
+    "train.weight_decay": 1e-4,
+    "train.clip_norm": 16.0,
+    "train.batch_size": 1,
+    "train.plateau_patience": 5,
+    "train.plateau_factor": 0.2,
+    "train.schedule": "plateau",
+    "train.warmup_epochs": 0.0,
+    "train.monitor": "val_auc",
+    "train.min_delta": 0.0,
+    "train.ema": None,
+    "train.patch_dropout": 0.0,
+    "train.feature_dropout": 0.0,
+    "train.max_patches": None,
+    "train.balanced_sampling": True,
+    "data.standardize": "none",
 }
 
 
@@ -86,6 +107,12 @@ def test_defaults_load(tmp_path: Path) -> None:
     cfg = load_config(_yaml(tmp_path, ""))
     for key, value in METHOD_DEFAULTS.items():
         assert _get(cfg, key) == value, key
+    # The training keys default to the studied recipe (docs/RECIPE.md); lr to the method's own.
+    from momkd.config import RECIPE
+
+    for key, value in RECIPE.items():
+        assert _get(cfg, key) == value, key
+    assert cfg.train.lr is None
     assert cfg == RunConfig()
     assert load_config(None) == cfg
     assert cfg.source == (tmp_path / "run.yaml").resolve()
@@ -151,7 +178,7 @@ def test_set_overrides_with_yaml_types(tmp_path: Path, monkeypatch: pytest.Monke
         (
             "model:\n  method: transformer\n",
             [],
-            r"run\.yaml: model\.method: expected momkd \| abmil",
+            r"run\.yaml: model\.method: expected momkd \| momkd_histo \| abmil",
         ),
         ("memory:\n  update: ema\n", [], r"run\.yaml: memory\.update: expected gradient"),
         (
@@ -166,7 +193,7 @@ def test_set_overrides_with_yaml_types(tmp_path: Path, monkeypatch: pytest.Monke
         ),
         ("memory:\n  momentum_sources: [omics, rna]\n", [], r"memory\.momentum_sources\[1\]"),
         ("splits:\n  k: 1\n", [], r"run\.yaml: splits\.k: must be >= 2"),
-        ("train:\n  epochs: 5\n", [], r"train\.min_epochs: must be in \[0, train\.epochs=5\]"),
+        ("train:\n  min_epochs: -1\n", [], r"train\.min_epochs: must be >= 0"),
         ("data:\n  positive: [a]\n  negative: [a]\n", [], r"data\.negative: values also listed"),
         ("genomics:\n  selection: list\n", [], r"genomics\.gene_list: required"),
         ("foo:\n  bar: 1\n", [], r"run\.yaml: foo: unknown key"),
@@ -209,7 +236,7 @@ def _leaf_keys(d: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("name", ["official", "paper", "demo"])
+@pytest.mark.parametrize("name", ["default", "official", "paper", "demo"])
 def test_presets_load_and_are_commented(tmp_path: Path, name: str) -> None:
     text = preset_yaml(name)
     cfg = load_config(_yaml(tmp_path, text))
@@ -222,31 +249,35 @@ def test_presets_load_and_are_commented(tmp_path: Path, name: str) -> None:
 
 
 def test_presets_differ_as_specified(tmp_path: Path) -> None:
+    from momkd.config import RECIPE
+
+    default = load_config(_yaml(tmp_path, preset_yaml(), "r.yaml"))
     official = load_config(_yaml(tmp_path, preset_yaml("official"), "o.yaml"))
     paper = load_config(_yaml(tmp_path, preset_yaml("paper"), "p.yaml"))
     demo = load_config(_yaml(tmp_path, preset_yaml("demo"), "d.yaml"))
-    assert (official.model.hidden, official.model.sphere, official.loss.mse) == (512, 64, 0.05)
+    for cfg in (default, official):
+        assert (cfg.model.hidden, cfg.model.sphere, cfg.loss.mse) == (512, 64, 0.05)
     assert (paper.model.hidden, paper.model.sphere, paper.loss.mse) == (256, 128, 0.01)
     assert paper.model.preset == "paper"
-    # official reproduces the released model selection and raw features; paper keeps the general
-    # defaults of the dataclasses.
-    assert (official.train.monitor, official.train.min_delta) == ("val_auc", 0.0)
-    assert official.data.standardize == "none"
-    assert (paper.train.monitor, paper.data.standardize) == ("val_loss", "train")
-    # Apart from the preset's keys, paper keeps the official settings.
-    o, p = config_to_dict(official), config_to_dict(paper)
+    # official reproduces the released protocol exactly; default, paper and demo train with the
+    # studied recipe.
+    for key, value in RELEASED.items():
+        assert _get(official, key) == value, key
+    for cfg in (default, paper, demo):
+        for key, value in RECIPE.items():
+            assert _get(cfg, key) == value, key
+        assert cfg.data.standardize == "train"
+    # Apart from the preset's keys, paper keeps the default settings.
+    r, p = config_to_dict(default), config_to_dict(paper)
     for section, key in (
         ("model", "hidden"),
         ("model", "sphere"),
         ("loss", "mse"),
         ("model", "preset"),
-        ("train", "monitor"),
-        ("train", "min_delta"),
-        ("data", "standardize"),
     ):
-        o[section].pop(key), p[section].pop(key)
-    assert o == p
-    assert demo.train.epochs < official.train.epochs and demo.model.hidden < 512
+        r[section].pop(key), p[section].pop(key)
+    assert r == p
+    assert demo.model.hidden < 512
     assert demo.data.external is not None
     with pytest.raises(ConfigError, match="unknown preset 'tiny'"):
         preset_yaml("tiny")

@@ -39,19 +39,24 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def test_constants_table_matches_config_defaults() -> None:
+def test_constants_table_matches_config_defaults(tmp_path: Path) -> None:
+    from momkd.config import preset_yaml
+
     rows = _table("constants")
     assert len(rows) >= 40
-    official = load_config(None)
+    default = load_config(None)
     paper = load_config(None, ["model.preset=paper"])
-    for key, off, pap, _meaning in rows:
-        assert _get(official, key) == _value(off), (key, _get(official, key), off)
+    (tmp_path / "o.yaml").write_text(preset_yaml("official"))
+    released = load_config(tmp_path / "o.yaml")
+    for key, off, pap, rel, _meaning in rows:
+        assert _get(default, key) == _value(off), (key, _get(default, key), off)
         assert _get(paper, key) == _value(pap), (key, _get(paper, key), pap)
+        assert _get(released, key) == _value(rel), (key, _get(released, key), rel)
 
 
 def test_constants_table_matches_model_constants() -> None:
     """The model classes have their own defaults; they must say the same as the table."""
-    rows = {key: (_value(off), _value(pap)) for key, off, pap, _ in _table("constants")}
+    rows = {key: (_value(off), _value(pap)) for key, off, pap, _, _ in _table("constants")}
     model_cfg = {"official": ModelConfig(), "paper": ModelConfig.preset("paper")}
     loss_cfg = {"official": LossWeights(), "paper": LossWeights.preset("paper")}
     for col, preset in enumerate(("official", "paper")):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from momkd import __version__
+from momkd.config import PRESET_NAMES
 
 log = logging.getLogger("momkd")
 
@@ -359,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("init-config", help="print a commented YAML run configuration")
-    p.add_argument("--preset", choices=["official", "paper", "demo"], default="official")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESET_NAMES),
+        default="default",
+        help="default: the studied recipe (docs/RECIPE.md); official: the released code exactly; "
+        "paper: the recipe at the paper's dimensions; demo: small, for `momkd synth` cohorts",
+    )
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     p.set_defaults(func=_cmd_init_config)
 

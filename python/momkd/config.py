@@ -38,9 +38,13 @@ import yaml
 
 from momkd._io import atomic_write_text
 from momkd.errors import ConfigError
+from momkd.methods import METHODS
 
 __all__ = [
     "PRESETS",
+    "PRESET_NAMES",
+    "RECIPE",
+    "RELEASED_PROTOCOL",
     "DataConfig",
     "ExternalConfig",
     "GenomicsConfig",
@@ -63,6 +67,23 @@ LabelValue = str | int | float | bool
 PRESETS: dict[str, dict[str, Any]] = {
     "official": {"model.hidden": 512, "model.sphere": 64, "loss.mse": 0.05},
     "paper": {"model.hidden": 256, "model.sphere": 128, "loss.mse": 0.01},
+}
+
+
+#: The training recipe chosen by the recipe study (docs/RECIPE.md, scripts/recipe_study.py): the
+#: defaults of :class:`TrainConfig` below and of ``momkd init-config`` (default and demo presets).
+#: ``init-config --preset official`` replaces it with the released protocol
+#: (:data:`RELEASED_PROTOCOL`).
+RECIPE: dict[str, Any] = {
+    "train.schedule": "cosine",
+    "train.warmup_epochs": 1.0,
+    "train.epochs": 20,
+    "train.min_epochs": 10,
+    "train.monitor": "last",
+    "train.weight_decay": 1e-2,
+    "train.ema": 0.998,
+    "train.patch_dropout": 0.0,
+    "train.feature_dropout": 0.0,
 }
 
 
@@ -98,7 +119,9 @@ class DataConfig:
     )
     clinical: Path | None = _f(None, "clinical table (CSV/TSV): one row per slide")
     expression: Path | None = _f(
-        None, "expression matrix (CSV/TSV/Parquet); needed by momkd and batchkd, not by abmil"
+        None,
+        "expression matrix (CSV/TSV/Parquet); needed by momkd and batchkd, not by momkd_histo, "
+        "abmil or meanpool",
     )
     expression_orientation: Literal["patients_x_genes", "genes_x_patients"] = _f(
         "patients_x_genes", "patients_x_genes (a row per patient) or genes_x_patients"
@@ -172,7 +195,10 @@ class GenomicsConfig:
 class ModelConfig:
     """Network architecture."""
 
-    method: Literal["momkd", "abmil", "batchkd"] = _f("momkd", "momkd, abmil or batchkd")
+    method: Literal["momkd", "momkd_histo", "abmil", "batchkd", "meanpool"] = _f(
+        "momkd",
+        "momkd, momkd_histo (MoMKD with the genomics terms off), abmil, batchkd or meanpool",
+    )
     preset: Literal["official", "paper"] = _f(
         "official", "dimension defaults: official (hidden 512, sphere 64) or paper (256, 128)"
     )
@@ -190,6 +216,9 @@ class ModelConfig:
     tau_min: float = _f(0.01, "lower clamp of the attention temperature")
     tau_max: float = _f(2.0, "upper clamp of the attention temperature")
     attention_dim: int = _f(128, "gated-attention width of the abmil and batchkd students")
+    meanpool_hidden: int | None = _f(
+        None, "hidden width of the meanpool head (null: linear head on the mean feature)"
+    )
     batchkd_batch: int = _f(8, "bags per mini-batch for the batchkd alignment")
     batchkd_temperature: float = _f(2.0, "logit-distillation temperature of batchkd")
     input_residual: Literal["auto", "linear"] = _f(
@@ -235,15 +264,39 @@ class LossConfig:
 class TrainConfig:
     """Optimisation and run-time settings."""
 
-    epochs: int = _f(100, "maximum number of epochs")
-    min_epochs: int = _f(50, "no early stopping before this epoch")
+    epochs: int = _f(RECIPE["train.epochs"], "maximum number of epochs (the schedule's budget)")
+    min_epochs: int = _f(RECIPE["train.min_epochs"], "no early stopping before this epoch")
     patience: int = _f(20, "early-stopping patience on train.monitor (epochs)")
-    lr: float = _f(2e-4, "AdamW learning rate")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    lr: float | None = _f(
+        None, "AdamW learning rate (null: the method's own, 1e-2 for meanpool, else 5e-4)"
+    )
+    weight_decay: float = _f(RECIPE["train.weight_decay"], "AdamW weight decay")
     clip_norm: float | None = _f(16.0, "gradient-norm clipping (null: off)")
     batch_size: int = _f(1, "bags per optimizer step")
     plateau_patience: int = _f(5, "ReduceLROnPlateau patience on train.monitor (epochs)")
     plateau_factor: float = _f(0.2, "ReduceLROnPlateau factor")
+    schedule: Literal["plateau", "cosine", "constant"] = _f(
+        RECIPE["train.schedule"],
+        "learning-rate schedule: plateau (cut by plateau_factor when train.monitor stalls, as "
+        "released), cosine (to zero over train.epochs, after warm-up) or constant",
+    )
+    warmup_epochs: float = _f(
+        RECIPE["train.warmup_epochs"],
+        "linear learning-rate warm-up from 0 over this many epochs (cosine, constant)",
+    )
+    ema: float | None = _f(
+        RECIPE["train.ema"],
+        "decay per optimizer step of an exponential moving average of the weights, used for "
+        "validation and for the kept model (null: off)",
+    )
+    patch_dropout: float = _f(
+        RECIPE["train.patch_dropout"],
+        "share of each training bag's patches dropped at random at every step",
+    )
+    feature_dropout: float = _f(
+        RECIPE["train.feature_dropout"],
+        "dropout on the (standardised) input features during training",
+    )
     balanced_sampling: bool = _f(True, "class-balanced sampling with replacement")
     seed: int = _f(0, "seed of model initialisation, sampling and memory initialisation")
     deterministic: bool = _f(False, "deterministic algorithms (slower; exact resume)")
@@ -259,9 +312,10 @@ class TrainConfig:
     folds: list[int] | None = _f(None, "folds to run (null: all)")
     bootstrap: int = _f(0, "bootstrap resamples for a per-fold test AUC 95% CI (0: off)")
     knn_k: int = _f(8, "neighbours per patch in the coordinate k-NN graph")
-    monitor: Literal["val_loss", "val_auc"] = _f(
-        "val_loss",
-        "validation quantity followed by the kept checkpoint, early stopping and the LR schedule",
+    monitor: Literal["val_loss", "val_auc", "last"] = _f(
+        RECIPE["train.monitor"],
+        "validation quantity followed by the kept checkpoint, early stopping and the plateau "
+        "schedule: val_loss, val_auc, or last (keep the last epoch; no early stopping)",
     )
     min_delta: float = _f(
         0.0, "a change of train.monitor within this is a tie; a tie keeps the later epoch"
@@ -371,7 +425,7 @@ class RunConfig:
             raise ConfigError(
                 f"{where('data.negative')}: data.negative: required, list the negative label values"
             )
-        if self.model.method in ("momkd", "batchkd"):
+        if METHODS[self.model.method].expression:
             need("data.expression", self.data.expression)
         if self.genomics.selection == "list":
             need("genomics.gene_list", self.genomics.gene_list)
@@ -636,6 +690,11 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     for key in ("classifier_hidden", "attention_dim", "batchkd_batch"):
         value = getattr(m, key)
         require(value >= 1, f"model.{key}", f"must be >= 1, got {value}")
+    require(
+        m.meanpool_hidden is None or m.meanpool_hidden >= 1,
+        "model.meanpool_hidden",
+        f"must be >= 1 or null, got {m.meanpool_hidden}",
+    )
     assert m.hidden is not None
     require(
         m.hidden % m.heads == 0,
@@ -668,18 +727,23 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     require(loss.align_temp > 0, "loss.align_temp", "must be > 0")
     require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
     require(t.epochs >= 1, "train.epochs", "must be >= 1")
-    require(
-        0 <= t.min_epochs <= t.epochs,
-        "train.min_epochs",
-        f"must be in [0, train.epochs={t.epochs}], got {t.min_epochs}",
-    )
+    # min_epochs above epochs is allowed: early stopping then never triggers.
+    require(t.min_epochs >= 0, "train.min_epochs", f"must be >= 0, got {t.min_epochs}")
     require(t.patience >= 1, "train.patience", "must be >= 1")
-    require(t.lr > 0, "train.lr", "must be > 0")
+    require(t.lr is None or t.lr > 0, "train.lr", "must be > 0 or null")
     require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     require(t.clip_norm is None or t.clip_norm > 0, "train.clip_norm", "must be > 0 or null")
     require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     require(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")
     require(0.0 < t.plateau_factor < 1.0, "train.plateau_factor", "must be in (0, 1)")
+    require(
+        math.isfinite(t.warmup_epochs) and 0 <= t.warmup_epochs <= t.epochs,
+        "train.warmup_epochs",
+        f"must be in [0, train.epochs={t.epochs}], got {t.warmup_epochs}",
+    )
+    require(t.ema is None or 0.0 < t.ema < 1.0, "train.ema", "must be in (0, 1) or null")
+    for key in ("patch_dropout", "feature_dropout"):
+        require(0.0 <= getattr(t, key) < 1.0, f"train.{key}", "must be in [0, 1)")
     require(
         re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?|mps", t.device) is not None,
         "train.device",
@@ -875,10 +939,6 @@ _DEMO_VALUES: dict[str, Any] = {
     "model.classifier_hidden": 32,
     "model.attention_dim": 32,
     "memory.init_per_class": 5000,
-    "train.epochs": 8,
-    "train.min_epochs": 4,
-    "train.patience": 4,
-    "train.plateau_patience": 2,
     "train.max_patches": 1024,
     "output.dir": "runs/demo",
 }
@@ -893,19 +953,40 @@ _EXAMPLE_VALUES: dict[str, Any] = {
     "output.dir": "runs/momkd",
 }
 
-#: The released code's model selection and input handling (``init-config --preset official``).
-_RELEASED_PROTOCOL: dict[str, Any] = {
+#: The released code's training protocol and input handling (``init-config --preset official``):
+#: every key of :data:`RECIPE` and the rest of the released optimisation, explicitly.
+RELEASED_PROTOCOL: dict[str, Any] = {
+    "train.schedule": "plateau",
+    "train.warmup_epochs": 0.0,
+    "train.epochs": 100,
+    "train.min_epochs": 50,
+    "train.patience": 20,
+    "train.plateau_patience": 5,
+    "train.plateau_factor": 0.2,
     "train.monitor": "val_auc",
     "train.min_delta": 0.0,
+    "train.lr": 2e-4,
+    "train.weight_decay": 1e-4,
+    "train.ema": None,
+    "train.patch_dropout": 0.0,
+    "train.feature_dropout": 0.0,
+    "train.max_patches": None,
     "data.standardize": "none",
 }
 
 _PRESET_NOTES = {
-    "official": "defaults of the authors' released code (hidden 512, sphere 64, loss.mse 0.05, "
-    "model selection on the validation AUC with ties keeping the later epoch, raw features)",
-    "paper": "dimensions stated in the paper (hidden 256, sphere 128, loss.mse 0.01)",
-    "demo": "small and fast, for the synthetic cohort written by `momkd synth`",
+    "default": "the training recipe chosen by momkd's recipe study (docs/RECIPE.md) at the "
+    "released model's dimensions (hidden 512, sphere 64, loss.mse 0.05)",
+    "official": "the authors' released code exactly (hidden 512, sphere 64, loss.mse 0.05; AdamW "
+    "2e-4, plateau schedule, model selection and early stopping on the validation AUC with ties "
+    "keeping the later epoch, up to 100 epochs, raw features)",
+    "paper": "the recipe at the dimensions stated in the paper (hidden 256, sphere 128, "
+    "loss.mse 0.01)",
+    "demo": "small and fast, for the synthetic cohort written by `momkd synth`; the recipe",
 }
+
+#: Preset names of ``momkd init-config --preset``, the default first.
+PRESET_NAMES = tuple(_PRESET_NOTES)
 
 
 def _scalar_yaml(value: Any) -> str:
@@ -964,13 +1045,14 @@ def _nested_dataclass(cls: Any, name: str) -> Any:
     return None
 
 
-def preset_yaml(name: str = "official") -> str:
+def preset_yaml(name: str = "default") -> str:
     """A commented YAML configuration for ``momkd init-config --preset NAME``.
 
     Parameters
     ----------
     name
-        ``official`` (the released code's settings), ``paper`` (the paper's dimensions) or
+        ``default`` (the recipe of docs/RECIPE.md at the released dimensions), ``official`` (the
+        released code's settings exactly), ``paper`` (the recipe at the paper's dimensions) or
         ``demo`` (small and fast, for the synthetic cohort of ``momkd synth``).
 
     Returns
@@ -984,11 +1066,13 @@ def preset_yaml(name: str = "official") -> str:
         Unknown preset name.
     """
     if name not in _PRESET_NOTES:
-        raise ConfigError(f"init-config: --preset: unknown preset {name!r} (official, paper, demo)")
+        raise ConfigError(
+            f"init-config: --preset: unknown preset {name!r} ({', '.join(PRESET_NAMES)})"
+        )
     values = dict(_DEMO_VALUES if name == "demo" else _EXAMPLE_VALUES)
     values["model.preset"] = "paper" if name == "paper" else "official"
     if name == "official":
-        values.update(_RELEASED_PROTOCOL)
+        values.update(RELEASED_PROTOCOL)
     lines = [
         f"# momkd run configuration, preset '{name}':",
         f"#   {_PRESET_NOTES[name]}.",

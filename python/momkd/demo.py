@@ -1,4 +1,4 @@
-"""``momkd demo``: the whole workflow on a synthetic cohort, MoMKD against ABMIL.
+"""``momkd demo``: the whole workflow on a synthetic cohort, MoMKD against ABMIL and mean pooling.
 
 Steps (all under ``OUT``):
 
@@ -6,16 +6,18 @@ Steps (all under ``OUT``):
    with TRIDENT-layout ``.h5`` copies of the internal slides, and its oracle AUCs;
 2. ``data/ingested.zarr``: those ``.h5`` files ingested into a cohort store with
    :func:`momkd.data.ingest.ingest`, followed by one timed pass of the bag loader over it;
-3. ``runs/momkd`` and ``runs/abmil``: cross-validated training of both methods on the ingested store
-   (preset ``demo`` of ``momkd init-config``), each fold model also predicting the external cohort;
+3. ``runs/momkd``, ``runs/abmil`` and ``runs/meanpool``: cross-validated training of the three
+   methods on the ingested store with the ``demo`` preset of ``momkd init-config`` as it is (no
+   further settings), each fold model also predicting the external cohort;
 4. a comparison table (internal test AUC mean ± std over folds, pooled test AUC with its 95%
    stratified bootstrap CI, external AUC per-fold mean ± std and fold ensemble with CI, the
-   generator's oracle AUCs, wall times) and the paired difference MoMKD − ABMIL on the same test
-   slides (paired bootstrap CI, DeLong p-value; :mod:`momkd.compare`), also saved as
+   generator's oracle AUCs, wall times) and the paired differences MoMKD − ABMIL, MoMKD − meanpool
+   and ABMIL − meanpool on the same test slides (paired bootstrap CI, DeLong p-value;
+   :mod:`momkd.compare`), also saved as
    ``demo_report.txt`` / ``demo_report.json`` and ``comparison.json`` / ``comparison.html``.
 
-The default size (800 patients, 64-dim features, about 64 patches per slide, 3 folds, 8 epochs)
-trains in a few minutes on two CPU cores; ``quick=True`` is a much smaller smoke run.
+The default size (800 patients, 64-dim features, about 64 patches per slide, 3 folds) trains in a
+few minutes on two CPU cores; ``quick=True`` is a much smaller smoke run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ __all__ = ["DemoSize", "run_demo"]
 log = logging.getLogger(__name__)
 
 _MARKER = ".momkd-demo"
-_METHODS = ("momkd", "abmil")
+#: Training and paired-comparison order (differences are earlier minus later method).
+_METHODS = ("momkd", "abmil", "meanpool")
+#: Order of the table rows: the floor first.
+_ROWS = ("meanpool", "abmil", "momkd")
+_NAMES = {"momkd": "MoMKD", "abmil": "ABMIL", "meanpool": "meanpool"}
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,7 @@ DEFAULT = DemoSize(
     dim=64,
     genes=512,
     patches=64,
-    overrides=(
-        "train.lr=5e-4",
-        "train.epochs=8",
-        "train.min_epochs=5",
-        "train.patience=4",
-        "train.max_patches=256",
-    ),
+    overrides=(),
 )
 QUICK = DemoSize(
     patients=40,
@@ -148,7 +148,7 @@ def format_demo(report: dict[str, Any]) -> str:
     lines = [
         "",
         (
-            f"MoMKD vs ABMIL on the synthetic cohort (label {label}, {report['folds']} folds, "
+            f"MoMKD, ABMIL and meanpool on the synthetic cohort (label {label}, {report['folds']} folds, "
             f"{report['cohort']['slides']} slides of {report['cohort']['patients']} patients; "
             f"external {report['external_cohort']['slides']} slides)"
         ),
@@ -157,7 +157,7 @@ def format_demo(report: dict[str, Any]) -> str:
             f"{'external ensemble':>18} {'time [s]':>9}"
         ),
     ]
-    for method in _METHODS:
+    for method in _ROWS:
         r = report["methods"][method]
         lines.append(
             f"{method:<8} {r['test_auc']:>22} {r['external_auc']:>26} "
@@ -168,7 +168,7 @@ def format_demo(report: dict[str, Any]) -> str:
 
         comp = report["comparison"]
         lines.append("pooled over all folds' test slides, 95% CI (stratified bootstrap):")
-        for method in _METHODS:
+        for method in _ROWS:
             m = comp["methods"][method]
             ext = (m.get("external") or {}).get("ensemble_auc")
             lines.append(
@@ -181,8 +181,9 @@ def format_demo(report: dict[str, Any]) -> str:
             ("paired_external", "external cohort"),
         ):
             for pair in comp.get(key) or []:
+                names = f"{_NAMES.get(pair['a'], pair['a'])} - {_NAMES.get(pair['b'], pair['b'])}"
                 lines.append(
-                    f"paired difference MoMKD - ABMIL ({where}): AUC {_diff_text(pair)} "
+                    f"paired difference {names} ({where}): AUC {_diff_text(pair)} "
                     "(95% paired bootstrap CI, DeLong p)"
                 )
     oracle = report.get("oracle") or {}
@@ -207,7 +208,7 @@ def run_demo(
     echo: Callable[[str], None] | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Synthesise a cohort, ingest it, train MoMKD and ABMIL, compare them on the external cohort.
+    """Synthesise a cohort, ingest it, train MoMKD, ABMIL and meanpool, and compare them.
 
     Parameters
     ----------
