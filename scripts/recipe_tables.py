@@ -1,0 +1,143 @@
+"""Markdown tables of the recipe study (``python scripts/recipe_study.py table``).
+
+Reads the results CSV written by ``scripts/recipe_study.py`` and writes one Markdown file with:
+
+* the screen: fold-mean test AUC of every recipe on every development cohort and method, and
+  each method's mean over those cohorts;
+* the study cohorts (plan ``final``, the chosen recipe) next to the protocol as it stood before
+  (plan ``released``): per cohort the fold-mean test AUC ± std of meanpool, ABMIL and MoMKD, and
+  the margins ABMIL − meanpool and MoMKD − meanpool, misses of the target (≥ −0.01) marked;
+* the confirmation on fresh seeds (plan ``confirm``), in the same form.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+METHOD_ORDER = ("meanpool", "abmil", "momkd", "momkd_histo")
+TARGET = -0.01
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(v: str | float | None) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _deep(method: str) -> str:
+    return "momkd" if method == "momkd_histo" else method
+
+
+def screen_table(rows: list[dict[str, str]]) -> str:
+    screen = [r for r in rows if r["plan"] == "screen"]
+    if not screen:
+        return ""
+    cohorts = list(dict.fromkeys(r["cohort"] for r in screen))
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in screen)]
+    recipes = list(dict.fromkeys(r["recipe"] for r in screen))
+    val = {(r["recipe"], r["cohort"], r["method"]): _f(r["auc_mean"]) for r in screen}
+    cols = [(c, m) for m in methods for c in cohorts if (("base", c, m) in val)]
+    head = "| recipe | " + " | ".join(f"{m} {c}" for c, m in cols)
+    head += " | " + " | ".join(f"{m} mean" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (1 + len(cols) + len(methods))]
+    for rec in recipes:
+        cells = [val.get((rec, c, m), math.nan) for c, m in cols]
+        means = []
+        for m in methods:
+            vs = [val.get((rec, c, m), math.nan) for c, mm in cols if mm == m]
+            means.append(
+                sum(vs) / len(vs) if vs and not any(math.isnan(v) for v in vs) else math.nan
+            )
+        lines.append(
+            f"| {rec} | "
+            + " | ".join("—" if math.isnan(v) else f"{v:.3f}" for v in cells)
+            + " | "
+            + " | ".join("—" if math.isnan(v) else f"**{v:.3f}**" for v in means)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def cohort_table(rows: list[dict[str, str]], plan: str, recipe: str | None = None) -> str:
+    sel = [r for r in rows if r["plan"] == plan and (recipe is None or r["recipe"] == recipe)]
+    if not sel:
+        return ""
+    by: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+    for r in sel:
+        by[r["cohort"]][_deep(r["method"])] = r
+    lines = [
+        "| cohort | meanpool | ABMIL | MoMKD | ABMIL − meanpool | MoMKD − meanpool |",
+        "|---|---|---|---|---|---|",
+    ]
+    misses = {"abmil": 0, "momkd": 0}
+    n = 0
+    for co, ms in by.items():
+
+        def cell(m: str) -> str:
+            r = ms.get(m)
+            if r is None:
+                return "—"
+            tag = " (histo)" if r["method"] == "momkd_histo" else ""
+            return f"{_f(r['auc_mean']):.3f} ± {_f(r['auc_std']):.3f}{tag}"
+
+        base = _f(ms["meanpool"]["auc_mean"]) if "meanpool" in ms else math.nan
+        diffs = []
+        for m in ("abmil", "momkd"):
+            if m not in ms or math.isnan(base):
+                diffs.append("—")
+                continue
+            d = _f(ms[m]["auc_mean"]) - base
+            miss = d < TARGET
+            misses[m] += int(miss)
+            diffs.append(f"{d:+.3f}{' ✗' if miss else ''}")
+        n += 1
+        lines.append(
+            f"| {co} | {cell('meanpool')} | {cell('abmil')} | {cell('momkd')} | "
+            + " | ".join(diffs)
+            + " |"
+        )
+    means = {}
+    for m in ("meanpool", "abmil", "momkd"):
+        vs = [_f(ms[m]["auc_mean"]) for ms in by.values() if m in ms]
+        means[m] = sum(vs) / len(vs) if vs else math.nan
+    lines.append(
+        f"| **mean of {n} cohorts** | **{means['meanpool']:.3f}** | **{means['abmil']:.3f}** | "
+        f"**{means['momkd']:.3f}** | misses: {misses['abmil']} | misses: {misses['momkd']} |"
+    )
+    return "\n".join(lines)
+
+
+def write_tables(results: Path, out: Path) -> Path:
+    rows = _rows(results)
+    parts = [
+        "# Recipe study: tables",
+        "",
+        f"Made by `python scripts/recipe_study.py table` from `{results.name}`. Fold-mean test AUC "
+        "(± std over folds) on identical split files per cohort; docs/RECIPE.md explains the "
+        "study and the choices. ✗: below meanpool − 0.01. (histo): MoMKD's genomics-free "
+        "ablation `momkd_histo`, on cohorts without expression.",
+        "",
+    ]
+    screen = screen_table(rows)
+    if screen:
+        parts += ["## Screen (development cohorts, one axis at a time)", "", screen, ""]
+    for plan, title, recipe in (
+        ("final", "Study cohorts, chosen recipe", "chosen"),
+        ("released", "Study cohorts, the protocol before the study", "released"),
+        ("confirm", "Fresh seeds (played no part in choosing), chosen recipe", "chosen"),
+    ):
+        table = cohort_table(rows, plan, recipe)
+        if table:
+            parts += [f"## {title}", "", table, ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out
