@@ -7,6 +7,7 @@ pub mod convert;
 pub mod error;
 pub mod knn;
 pub mod loader;
+mod shard;
 pub mod store;
 pub mod subsample;
 

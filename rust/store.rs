@@ -4,6 +4,8 @@
 //! `zarr.json` documents, then opens the three arrays with `zarrs`. Reading a bag walks the chunks
 //! covering its rows, decodes them in parallel on the caller's rayon pool, and converts/checks the
 //! values in the same pass, so that every failure names the store, the slide and the chunk key.
+//! The inner chunks of a sharded array are read by [`crate::shard`], which checks them exactly as
+//! unsharded chunks are checked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,17 +14,15 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 use serde_json::{Map, Value};
-use zarrs::array::{
-    Array, ArrayBytes, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
-    CodecOptions,
-};
+use zarrs::array::{Array, ArrayBytes, ArrayShardedExt, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
-use zarrs::storage::byte_range::ByteRange;
+use zarrs::metadata_ext::codec::sharding::ShardingCodecConfigurationV1;
 
 use crate::convert::{
     f16_copy_checked, f16_to_f32_checked, f32_copy_checked, f32_to_f16_into_checked,
 };
 use crate::error::{one_line, Error, Result};
+use crate::shard::{ShardError, ShardedArray};
 use crate::subsample::bag_rows;
 
 /// The store format this reader implements.
@@ -140,6 +140,8 @@ struct ArrayMeta {
     chunk_shape: Vec<u64>,
     /// The inner chunk shape of a sharded array (format version 1.1).
     inner_chunk_shape: Option<Vec<u64>>,
+    /// The sharding codec's configuration of a sharded array.
+    sharding: Option<ShardingCodecConfigurationV1>,
 }
 
 impl ArrayMeta {
@@ -151,144 +153,160 @@ impl ArrayMeta {
     }
 }
 
-/// A sharded array's shard geometry and its cache of decoded shard indexes.
-struct Shards {
-    /// Inner chunks (row blocks) per shard.
-    chunks_per_shard: u64,
-    cache: ArrayShardedReadableExtCache,
-}
-
 /// One row-chunked array of the store (`features` or `coords`).
 struct RowArray {
     name: &'static str,
     array: Array<FilesystemStore>,
+    /// The store's root folder (shard files are read from it directly).
+    root: PathBuf,
     /// Rows per read unit (the inner chunk of a sharded array).
     chunk_rows: u64,
-    shards: Option<Shards>,
+    shards: Option<ShardedArray>,
 }
 
 impl RowArray {
     fn new(
         store: &str,
+        root: &Path,
         name: &'static str,
         array: Array<FilesystemStore>,
         meta: &ArrayMeta,
     ) -> Result<RowArray> {
         let chunk_rows = meta.read_chunk_shape()[0];
-        let shards = match &meta.inner_chunk_shape {
+        let shards = match &meta.sharding {
             None => None,
-            Some(inner) => {
+            Some(config) => {
                 if !array.is_exclusively_sharded() {
                     return Err(Error::Store(format!(
                         "store {store}: array '{name}': a sharded array must have 'sharding_indexed' as its only codec"
                     )));
                 }
-                Some(Shards {
-                    chunks_per_shard: meta.chunk_shape[0] / inner[0],
-                    cache: ArrayShardedReadableExtCache::new(&array),
-                })
+                Some(ShardedArray::new(&meta.chunk_shape, config).map_err(|e| {
+                    Error::Store(format!(
+                        "store {store}: array '{name}': unsupported sharding codec: {e}"
+                    ))
+                })?)
             }
         };
         Ok(RowArray {
             name,
             array,
+            root: root.to_path_buf(),
             chunk_rows,
             shards,
         })
     }
 
+    /// The storage key of the file holding read unit `chunk` (its shard file, if sharded).
+    fn file_key(&self, chunk: u64) -> String {
+        let outer = match &self.shards {
+            None => chunk,
+            Some(s) => chunk / s.chunks_per_shard(),
+        };
+        self.array.chunk_key(&[outer, 0]).to_string()
+    }
+
     /// The storage key of the file holding read unit `chunk`, and the unit's place in it.
     fn label(&self, chunk: u64) -> String {
         match &self.shards {
-            None => self.array.chunk_key(&[chunk, 0]).to_string(),
+            None => self.file_key(chunk),
             Some(s) => format!(
                 "{} (inner chunk {})",
-                self.array.chunk_key(&[chunk / s.chunks_per_shard, 0]),
-                chunk % s.chunks_per_shard
+                self.file_key(chunk),
+                chunk % s.chunks_per_shard()
             ),
         }
     }
 
-    /// Read and decode read unit `chunk`; errors name the store, the slide and the chunk.
+    /// Read and decode read unit `chunk`; errors name the store, the slide and the chunk (and the
+    /// inner chunk of a shard).
     fn fetch(&self, chunk: u64, ctx: &ReadCtx<'_>) -> Result<ArrayBytes<'static>> {
         let options = CodecOptions::default().with_concurrent_target(1);
-        let indices = [chunk, 0];
-        let missing = || {
-            Error::Store(format!(
-                "store {}: slide {}: chunk {} is missing",
-                ctx.store,
-                ctx.slide,
-                self.label(chunk)
-            ))
-        };
-        let corrupt = |e: String| {
-            Error::Store(format!(
-                "store {}: slide {}: chunk {} is corrupt or truncated: {e}",
-                ctx.store,
-                ctx.slide,
-                self.label(chunk)
-            ))
-        };
-        match &self.shards {
-            None => match self
+        let prefix = || format!("store {}: slide {}", ctx.store, ctx.slide);
+        let Some(s) = &self.shards else {
+            return match self
                 .array
-                .retrieve_chunk_if_exists_opt::<ArrayBytes<'static>>(&indices, &options)
+                .retrieve_chunk_if_exists_opt::<ArrayBytes<'static>>(&[chunk, 0], &options)
             {
                 Ok(Some(b)) => Ok(b),
-                Ok(None) => Err(missing()),
-                Err(e) => Err(corrupt(one_line(e))),
-            },
-            Some(s) => {
-                match self.array.subchunk_byte_range(&s.cache, &indices) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Err(missing()),
-                    Err(e) => {
-                        return Err(Error::Store(format!(
-                            "store {}: slide {}: shard {} of array '{}' has a corrupt or truncated shard index: {}",
-                            ctx.store,
-                            ctx.slide,
-                            self.array.chunk_key(&[chunk / s.chunks_per_shard, 0]),
-                            self.name,
-                            one_line(e)
-                        )))
-                    }
-                }
-                self.array
-                    .retrieve_subchunk_opt::<ArrayBytes<'static>>(&s.cache, &indices, &options)
-                    .map_err(|e| corrupt(one_line(e)))
+                Ok(None) => Err(Error::Store(format!(
+                    "{}: chunk {} is missing",
+                    prefix(),
+                    self.label(chunk)
+                ))),
+                Err(e) => Err(Error::Store(format!(
+                    "{}: chunk {} is corrupt or truncated: {}",
+                    prefix(),
+                    self.label(chunk),
+                    one_line(e)
+                ))),
+            };
+        };
+        let path = self.root.join(self.file_key(chunk));
+        s.read(
+            &path,
+            chunk,
+            self.array.data_type(),
+            self.array.fill_value(),
+            &options,
+        )
+        .map_err(|e| self.shard_error(e, chunk, &prefix()))
+    }
+
+    /// The message of a failed inner chunk read, after `prefix` (store and slide).
+    fn shard_error(&self, e: ShardError, chunk: u64, prefix: &str) -> Error {
+        let label = self.label(chunk);
+        let shard = self.file_key(chunk);
+        let name = self.name;
+        Error::Store(match e {
+            ShardError::MissingShard => {
+                format!("{prefix}: chunk {label} is missing (no shard file {shard})")
             }
-        }
+            ShardError::Empty => format!(
+                "{prefix}: chunk {label} is missing: the shard index marks it empty, and a cohort \
+                 store keeps every inner chunk (zarr-python leaves out chunks equal to the fill \
+                 value unless the array is written with write_empty_chunks=True)"
+            ),
+            ShardError::BadIndex(why) => format!(
+                "{prefix}: shard {shard} of array '{name}' has a corrupt or truncated shard index: {why}"
+            ),
+            ShardError::BadEntry {
+                offset,
+                nbytes,
+                data_start,
+                data_end,
+            } => format!(
+                "{prefix}: shard {shard} of array '{name}' has a corrupt shard index: the entry of \
+                 inner chunk {} (offset {offset}, nbytes {nbytes}) lies outside the chunk data \
+                 (bytes {data_start}..{data_end} of the file)",
+                chunk % self.shards.as_ref().map_or(1, ShardedArray::chunks_per_shard)
+            ),
+            ShardError::Corrupt(why) => {
+                format!("{prefix}: chunk {label} is corrupt or truncated: {why}")
+            }
+        })
     }
 
     /// The file byte ranges holding read units `first ..= last`, appended to `out` (one range per
-    /// chunk file or inner chunk). Best effort: an unreadable shard index leaves its chunks out,
-    /// and the read itself then reports the problem.
-    fn file_ranges(&self, root: &Path, first: u64, last: u64, out: &mut Vec<FileRange>) {
-        match &self.shards {
-            None => {
-                for c in first..=last {
-                    let key = self.array.chunk_key(&[c, 0]);
-                    out.push(FileRange {
-                        path: root.join(key.as_str()),
-                        offset: 0,
-                        len: 0,
-                    });
-                }
-            }
-            Some(s) => {
+    /// chunk file or inner chunk). Best effort: an unreadable shard index or an index entry
+    /// outside its file leaves its chunks out, and the read itself then reports the problem.
+    fn file_ranges(&self, first: u64, last: u64, out: &mut Vec<FileRange>) {
+        for c in first..=last {
+            let path = self.root.join(self.file_key(c));
+            match &self.shards {
+                None => out.push(FileRange {
+                    path,
+                    offset: 0,
+                    len: 0,
+                }),
                 // One range per inner chunk (not one per shard span): the I/O threads then read a
                 // bag's part of a shard as several parallel requests, as they do a bag's chunk
                 // files. (Merging neighbours into ranges of up to 4 MiB measured no faster.)
-                for c in first..=last {
-                    if let Ok(Some(ByteRange::FromStart(offset, Some(len)))) =
-                        self.array.subchunk_byte_range(&s.cache, &[c, 0])
-                    {
-                        let key = self.array.chunk_key(&[c / s.chunks_per_shard, 0]);
-                        out.push(FileRange {
-                            path: root.join(key.as_str()),
-                            offset,
-                            len,
-                        });
+                Some(s) => {
+                    if let Ok((offset, len)) = s.byte_range(&path, c) {
+                        if len > 0 {
+                            out.push(FileRange { path, offset, len });
+                        }
                     }
                 }
             }
@@ -471,6 +489,7 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
         .and_then(Value::as_array)
         .ok_or_else(|| bad("'codecs' is missing".into()))?;
     let mut inner_chunk_shape = None;
+    let mut sharding = None;
     if codecs.len() == 1 && codec_name(&codecs[0]) == SHARDING {
         let config = codecs[0]
             .get("configuration")
@@ -502,7 +521,15 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
                 .ok_or_else(|| bad("the sharding codec's 'index_codecs' is not a list".into()))?;
             check_codec_chain(index_codecs, &INDEX_CODECS, "index codecs", &bad)?;
         }
+        let parsed: ShardingCodecConfigurationV1 =
+            serde_json::from_value(Value::Object(config.clone())).map_err(|e| {
+                bad(format!(
+                    "the sharding codec's configuration is not valid: {}",
+                    one_line(e)
+                ))
+            })?;
         inner_chunk_shape = Some(inner);
+        sharding = Some(parsed);
     } else {
         check_codec_chain(codecs, &ALLOWED_CODECS, "codecs", &bad)?;
     }
@@ -518,6 +545,7 @@ fn array_meta(store: &str, root: &Path, name: &str) -> Result<ArrayMeta> {
         data_type,
         chunk_shape,
         inner_chunk_shape,
+        sharding,
     })
 }
 
@@ -998,11 +1026,18 @@ impl CohortStore {
             })?);
         let features = RowArray::new(
             store,
+            &root,
             "features",
             open_array(store, &fs, "features")?,
             &fmeta,
         )?;
-        let coords = RowArray::new(store, "coords", open_array(store, &fs, "coords")?, &cmeta)?;
+        let coords = RowArray::new(
+            store,
+            &root,
+            "coords",
+            open_array(store, &fs, "coords")?,
+            &cmeta,
+        )?;
         let offsets_arr = open_array(store, &fs, "offsets")?;
 
         let offsets = read_offsets(
@@ -1103,7 +1138,7 @@ impl CohortStore {
         self.features
             .shards
             .as_ref()
-            .map(|s| s.chunks_per_shard * self.feat_chunk_rows)
+            .map(|s| s.chunks_per_shard() * self.feat_chunk_rows)
     }
 
     /// Ask the kernel to start reading the chunks of slide `index` into the page cache, so that
@@ -1122,13 +1157,12 @@ impl CohortStore {
         if index >= self.slide_ids.len() || self.offsets[index + 1] == self.offsets[index] {
             return out;
         }
-        let root = Path::new(&self.path);
         let (start, end) = (
             self.offsets[index] as u64,
             self.offsets[index + 1] as u64 - 1,
         );
         for arr in [&self.features, &self.coords] {
-            arr.file_ranges(root, start / arr.chunk_rows, end / arr.chunk_rows, &mut out);
+            arr.file_ranges(start / arr.chunk_rows, end / arr.chunk_rows, &mut out);
         }
         out
     }
@@ -1662,5 +1696,339 @@ pub(crate) mod read_tests {
             matches!(&err, Error::Store(m) if m.contains("'offsets'")),
             "{err:?}"
         );
+    }
+}
+
+/// Sharded stores written by hand from FORMAT.md and the Zarr v3 `sharding_indexed` layout
+/// (inner chunks, then an index of little-endian `(offset, nbytes)` pairs and its crc32c),
+/// independent of zarrs' sharding code.
+#[cfg(test)]
+mod shard_tests {
+    use super::read_tests::{slides, write_store, Slide};
+    use super::*;
+
+    /// How the hand-written shards are laid out.
+    #[derive(Clone, Copy)]
+    struct Layout {
+        rows: usize,
+        shard_rows: usize,
+        index_crc: bool,
+        index_at_end: bool,
+    }
+
+    const LAYOUT: Layout = Layout {
+        rows: 4,
+        shard_rows: 8,
+        index_crc: true,
+        index_at_end: true,
+    };
+
+    fn with_crc(raw: &[u8]) -> Vec<u8> {
+        let mut out = raw.to_vec();
+        out.extend_from_slice(&crc32c::crc32c(raw).to_le_bytes());
+        out
+    }
+
+    fn sharded_json(shape: &[usize], cols: usize, dtype: &str, l: Layout) -> String {
+        let mut index_codecs =
+            vec![serde_json::json!({"name": "bytes", "configuration": {"endian": "little"}})];
+        if l.index_crc {
+            index_codecs.push(serde_json::json!({"name": "crc32c"}));
+        }
+        serde_json::json!({
+            "zarr_format": 3, "node_type": "array", "shape": shape, "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [l.shard_rows, cols]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0,
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [l.rows, cols],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "crc32c"}],
+                "index_codecs": index_codecs,
+                "index_location": if l.index_at_end { "end" } else { "start" }}}],
+            "attributes": {}
+        })
+        .to_string()
+    }
+
+    /// Write `values` (`cols` columns of `item` bytes) as shard files; returns the row blocks'
+    /// encoded sizes.
+    fn write_shards(dir: &Path, name: &str, cols: usize, item: usize, values: &[u8], l: Layout) {
+        let block = l.rows * cols * item;
+        let per_shard = l.shard_rows / l.rows;
+        let shard_bytes = block * per_shard;
+        let n_shards = values.len().div_ceil(shard_bytes);
+        let index_len = 16 * per_shard + if l.index_crc { 4 } else { 0 };
+        for s in 0..n_shards {
+            let mut data = Vec::new();
+            let mut index = Vec::new();
+            let base = if l.index_at_end { 0 } else { index_len };
+            for k in 0..per_shard {
+                let lo = (s * per_shard + k) * block;
+                let mut raw = vec![0u8; block];
+                if lo < values.len() {
+                    let hi = (lo + block).min(values.len());
+                    raw[..hi - lo].copy_from_slice(&values[lo..hi]);
+                }
+                let enc = with_crc(&raw);
+                index.extend_from_slice(&((base + data.len()) as u64).to_le_bytes());
+                index.extend_from_slice(&(enc.len() as u64).to_le_bytes());
+                data.extend_from_slice(&enc);
+            }
+            if l.index_crc {
+                index = with_crc(&index);
+            }
+            let file = if l.index_at_end {
+                [data, index].concat()
+            } else {
+                [index, data].concat()
+            };
+            let path = dir.join(name).join("c").join(s.to_string()).join("0");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, file).unwrap();
+        }
+    }
+
+    /// A float32 store of `slides(3)` with sharded `features` and `coords`.
+    fn write_sharded(dir: &Path, l: Layout) -> Vec<Slide> {
+        let d = 3;
+        let sl = slides(d);
+        write_store(dir, &sl, d, l.rows, false);
+        let n: usize = sl.iter().map(|s| s.coords.len() / 2).sum();
+        for name in ["features", "coords"] {
+            std::fs::remove_dir_all(dir.join(name).join("c")).unwrap();
+        }
+        std::fs::write(
+            dir.join("features/zarr.json"),
+            sharded_json(&[n, d], d, "float32", l),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("coords/zarr.json"),
+            sharded_json(&[n, 2], 2, "int32", l),
+        )
+        .unwrap();
+        let feats: Vec<u8> = sl
+            .iter()
+            .flat_map(|s| s.feats.iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
+        write_shards(dir, "features", d, 4, &feats, l);
+        let coords: Vec<u8> = sl
+            .iter()
+            .flat_map(|s| s.coords.iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
+        write_shards(dir, "coords", 2, 4, &coords, l);
+        sl
+    }
+
+    fn open(dir: &Path) -> CohortStore {
+        CohortStore::open(dir.to_str().unwrap()).unwrap()
+    }
+
+    /// The `(offset, nbytes)` index entry position of inner chunk `k` in a shard file.
+    fn entry_at(file_len: usize, k: usize, l: Layout) -> usize {
+        let index_len = 16 * (l.shard_rows / l.rows) + if l.index_crc { 4 } else { 0 };
+        let start = if l.index_at_end {
+            file_len - index_len
+        } else {
+            0
+        };
+        start + 16 * k
+    }
+
+    fn store_err(r: Result<BagData>) -> String {
+        match r {
+            Err(Error::Store(m)) => m,
+            other => panic!("expected a StoreError, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hand_written_shards_read_exactly_with_the_index_at_either_end() {
+        for (index_crc, index_at_end) in [(true, true), (false, true), (true, false)] {
+            let l = Layout {
+                index_crc,
+                index_at_end,
+                ..LAYOUT
+            };
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("s.zarr");
+            let sl = write_sharded(&dir, l);
+            let st = open(&dir);
+            assert_eq!(st.shard_rows(), Some(8));
+            for (i, s) in sl.iter().enumerate() {
+                let bag = st.read(i, None, 0, 0).unwrap();
+                assert_eq!(bag.features, s.feats);
+                let c: Vec<i64> = s.coords.iter().map(|&v| i64::from(v)).collect();
+                assert_eq!(bag.coords, c);
+            }
+            // Slide b is rows 5..16: inner chunks 1, 2, 3 (shard 0 holds 0 and 1, shard 1 holds
+            // 2 and 3), each 4 rows x 3 float32 + crc32c = 52 bytes (coords: 4 x 2 x 4 + 4 = 36).
+            let base = if index_at_end {
+                0
+            } else {
+                16 * 2 + if index_crc { 4 } else { 0 }
+            };
+            let got: Vec<(String, u64, u64)> = st
+                .file_ranges(1)
+                .into_iter()
+                .map(|r| {
+                    let rel = r.path.strip_prefix(&dir).unwrap();
+                    (rel.to_string_lossy().into_owned(), r.offset, r.len)
+                })
+                .collect();
+            let want: Vec<(String, u64, u64)> = vec![
+                ("features/c/0/0".into(), base + 52, 52),
+                ("features/c/1/0".into(), base, 52),
+                ("features/c/1/0".into(), base + 52, 52),
+                ("coords/c/0/0".into(), base + 36, 36),
+                ("coords/c/1/0".into(), base, 36),
+                ("coords/c/1/0".into(), base + 36, 36),
+            ];
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_an_inner_chunk_or_its_checksum_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        write_sharded(&dir, LAYOUT);
+        let shard = dir.join("features/c/1/0");
+        let good = std::fs::read(&shard).unwrap();
+        // Inner chunk 1 of shard 1 is bytes 52..104: a value byte, then its crc32c trailer.
+        for pos in [60, 101] {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x10;
+            std::fs::write(&shard, &bad).unwrap();
+            let m = store_err(open(&dir).read(1, None, 0, 0));
+            assert!(
+                m.contains("s.zarr")
+                    && m.contains("slide b")
+                    && m.contains("features/c/1/0 (inner chunk 1)")
+                    && m.contains("corrupt"),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_entries_are_checked_before_anything_is_read() {
+        let l = Layout {
+            index_crc: false,
+            ..LAYOUT
+        };
+        let half = 1u64 << 63;
+        let cases: Vec<(u64, u64, &str)> = vec![
+            (0, half, "nbytes 9223372036854775808"),
+            (0, u64::MAX, "nbytes 18446744073709551615"),
+            (half, half, "offset 9223372036854775808"),
+            (u64::MAX - 2, 8, "offset 18446744073709551613"),
+            (52, 53, "nbytes 53"), // runs into the index at the end
+            (u64::MAX, 52, "offset 18446744073709551615"), // half an empty marker
+        ];
+        for (offset, nbytes, needle) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("s.zarr");
+            write_sharded(&dir, l);
+            let shard = dir.join("features/c/1/0");
+            let mut bytes = std::fs::read(&shard).unwrap();
+            let at = entry_at(bytes.len(), 1, l);
+            bytes[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&nbytes.to_le_bytes());
+            std::fs::write(&shard, &bytes).unwrap();
+            let st = open(&dir);
+            let m = store_err(st.read(1, None, 0, 0));
+            assert!(
+                m.contains("slide b")
+                    && m.contains("shard features/c/1/0")
+                    && m.contains("inner chunk 1")
+                    && m.contains(needle)
+                    && m.contains("bytes 0..104"),
+                "{m}"
+            );
+            // Read-ahead leaves the bad entry out instead of requesting it.
+            assert!(st
+                .file_ranges(1)
+                .iter()
+                .all(|r| r.len <= 52 && r.offset < 104));
+            // Slides in other inner chunks still read.
+            assert!(st.read(0, None, 0, 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn an_entry_overlapping_an_index_at_the_start_is_an_error() {
+        let l = Layout {
+            index_crc: false,
+            index_at_end: false,
+            ..LAYOUT
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        write_sharded(&dir, l);
+        let shard = dir.join("features/c/1/0");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let at = entry_at(bytes.len(), 0, l);
+        bytes[at..at + 8].copy_from_slice(&8u64.to_le_bytes()); // inside the 32-byte index
+        std::fs::write(&shard, &bytes).unwrap();
+        let m = store_err(open(&dir).read(1, None, 0, 0));
+        assert!(
+            m.contains("inner chunk 0") && m.contains("offset 8") && m.contains("bytes 32..136"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn empty_entries_and_missing_shards_are_missing_chunks() {
+        let l = Layout {
+            index_crc: false,
+            ..LAYOUT
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        write_sharded(&dir, l);
+        let shard = dir.join("coords/c/1/0");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let at = entry_at(bytes.len(), 0, l);
+        bytes[at..at + 16].fill(0xFF);
+        std::fs::write(&shard, &bytes).unwrap();
+        let m = store_err(open(&dir).read(1, None, 0, 0));
+        assert!(
+            m.contains("slide b")
+                && m.contains("coords/c/1/0 (inner chunk 0) is missing")
+                && m.contains("marks it empty"),
+            "{m}"
+        );
+        std::fs::remove_file(&shard).unwrap();
+        let m = store_err(open(&dir).read(1, None, 0, 0));
+        assert!(
+            m.contains("coords/c/1/0 (inner chunk 0) is missing") && m.contains("no shard file"),
+            "{m}"
+        );
+        // Slide a lies in shard 0 only.
+        assert!(open(&dir).read(0, None, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn corrupt_or_truncated_indexes_name_the_shard() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s.zarr");
+        write_sharded(&dir, LAYOUT);
+        let shard = dir.join("features/c/1/0");
+        let good = std::fs::read(&shard).unwrap();
+        let n = good.len();
+        let mut flipped = good.clone();
+        flipped[n - 10] ^= 1;
+        for bad in [flipped, good[..n - 1].to_vec(), good[..10].to_vec(), vec![]] {
+            std::fs::write(&shard, &bad).unwrap();
+            let m = store_err(open(&dir).read(1, None, 0, 0));
+            assert!(
+                m.contains("slide b")
+                    && m.contains("shard features/c/1/0 of array 'features'")
+                    && m.contains("shard index"),
+                "{m}"
+            );
+        }
     }
 }

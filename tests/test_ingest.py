@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from momkd.cli import main
 from momkd.data import CohortStore, ingest
 from momkd.data.store import read_header
 from momkd.errors import DataError, IngestError, StoreError
@@ -282,7 +283,7 @@ def test_complete_output_exists(tmp_path):
 # ------------------------------------------------------------------------------------- resuming
 
 
-def _interrupt_with_failing_reader(monkeypatch, src, out, fail_on: str) -> None:
+def _interrupt_with_failing_reader(monkeypatch, src, out, fail_on: str, **kw) -> None:
     real = ingest_mod.read_source
 
     def failing(source, key="features", **kw):
@@ -292,7 +293,7 @@ def _interrupt_with_failing_reader(monkeypatch, src, out, fail_on: str) -> None:
 
     monkeypatch.setattr(ingest_mod, "read_source", failing)
     with pytest.raises(IngestError, match="simulated"):
-        ingest(src, out, chunk_rows=64, threads=1, progress=False)
+        ingest(src, out, **{"chunk_rows": 64, "threads": 1, "progress": False, **kw})
     monkeypatch.setattr(ingest_mod, "read_source", real)
 
 
@@ -343,6 +344,83 @@ def test_resume_refuses_other_sources_or_settings(tmp_path, monkeypatch):
         ingest(src, out, chunk_rows=64, progress=False)
     summary = ingest(src, out, chunk_rows=64, progress=False, overwrite=True)
     assert summary["slides_resumed"] == 0 and summary["slides_total"] == len(SIZES) + 1
+
+
+def test_resumed_ingest_has_the_header_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    src, _ = trident_folder(tmp_path)
+    ref = tmp_path / "ref.zarr"
+    ingest(src, ref, chunk_rows=64, progress=False)
+    out = tmp_path / "c.zarr"
+    _interrupt_with_failing_reader(monkeypatch, src, out, fail_on="TCGA-05-DX1")
+    ingest(src, out, chunk_rows=64, progress=False)
+    want, got = read_header(ref), read_header(out)
+    # The coordinate attributes of the first file (trident_folder writes them on every file).
+    attrs = {"patch_size_level0": 512, "target_magnification": 20}
+    assert want["provenance"]["source_attrs"] == got["provenance"]["source_attrs"] == attrs
+    assert want["patch_size"] == got["patch_size"] == 512
+    for header in (want, got):
+        del header["provenance"]["created"]  # the time each ingest finished
+    assert got == want
+
+
+def test_resume_removes_the_temporary_files_of_the_interrupted_write(tmp_path, monkeypatch):
+    """A writer killed while zarr-python writes a file leaves its `.partial` temporary (zarr's
+    local store writes `<name>.<32 hex digits>.partial`, then renames it), and one killed while
+    replacing the header leaves `zarr.json.<pid>.tmp`. A completed resume leaves none of them."""
+    src, bags = trident_folder(tmp_path)
+    out = tmp_path / "c.zarr"
+    _interrupt_with_failing_reader(monkeypatch, src, out, fail_on="TCGA-05-DX1")
+    hexes = iter(f"{i:032x}" for i in range(1, 10))
+    planted = [
+        out / "features" / "c" / "0" / f"0.{next(hexes)}.partial",
+        out / "features" / "c" / "9" / f"0.{next(hexes)}.partial",  # beyond the committed rows
+        out / "coords" / "c" / "1" / f"0.{next(hexes)}.partial",
+        out / "offsets" / "c" / f"0.{next(hexes)}.partial",
+        out / "features" / f"zarr.{next(hexes)}.partial",
+        out / "zarr.json.4242.tmp",
+    ]
+    for i, p in enumerate(planted):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * (7 * i))  # the first one empty, as a kill right after open leaves it
+    summary = ingest(src, out, chunk_rows=64, progress=False)
+    assert summary["slides_resumed"] >= 3
+    assert_store_matches(out, bags)
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    assert leftovers == []
+
+
+def test_resume_refuses_another_shard_size(tmp_path, monkeypatch, capsys):
+    src, bags = trident_folder(tmp_path)
+    # D = 8 float16 is 16 B a row: 0.002 MiB is 131 rows, 2 chunks of 64 = 128 rows a shard.
+    ref = tmp_path / "ref.zarr"
+    ingest(src, ref, chunk_rows=64, shard_mb=0.002, progress=False)
+    out = tmp_path / "c.zarr"
+    _interrupt_with_failing_reader(monkeypatch, src, out, fail_on="TCGA-06-DX1", shard_mb=0.002)
+    state = read_header(out)["ingest"]
+    assert state["shard_rows"] == 128 and state["slides_done"] >= 3
+    with pytest.raises(IngestError, match=r"shards of 128 rows; .*shards of 256 rows"):
+        ingest(src, out, chunk_rows=64, shard_mb=0.004, progress=False)
+    with pytest.raises(IngestError, match=r"shards of 128 rows; .*unsharded store \(no --shard"):
+        ingest(src, out, chunk_rows=64, progress=False)
+    cli = ["ingest", str(src), str(out), "-q", "--chunk-rows", "64"]
+    assert main([*cli, "--shard-mb", "0.004"]) == 2
+    assert "--shard-mb 0.004" in capsys.readouterr().err
+    assert read_header(out)["ingest"] == state  # the refusals changed nothing
+    # Another size that rounds to the same shard resumes it.
+    summary = ingest(src, out, chunk_rows=64, shard_mb=0.0021, progress=False)
+    assert summary["slides_resumed"] == state["slides_done"]
+    assert CohortStore.open(out).shard_rows == 128
+    assert_store_matches(out, bags)
+    for name in ("features", "coords", "offsets"):
+        np.testing.assert_array_equal(
+            zarr.open_array(str(ref / name), mode="r")[:],
+            zarr.open_array(str(out / name), mode="r")[:],
+        )
+    # An interrupted unsharded ingest is not resumed sharded either.
+    plain = tmp_path / "plain.zarr"
+    _interrupt_with_failing_reader(monkeypatch, src, plain, fail_on="TCGA-06-DX1")
+    with pytest.raises(IngestError, match=r"an unsharded store; .*shards of 128 rows"):
+        ingest(src, plain, chunk_rows=64, shard_mb=0.002, progress=False)
 
 
 _CHILD = textwrap.dedent(
@@ -411,3 +489,4 @@ def test_sigkill_then_rerun(tmp_path, monkeypatch):
             zarr.open_array(str(ref / name), mode="r")[:],
             zarr.open_array(str(out / name), mode="r")[:],
         )
+    assert [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))] == []

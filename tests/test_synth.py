@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from momkd.cli import main
 from momkd.errors import ConfigError
 from momkd.synth import SynthConfig, draw_patients, generate_cohort, task_directions
 from sklearn.metrics import roc_auc_score
@@ -503,11 +504,16 @@ def test_external_prevalence_shift_keeps_labelling_mechanism() -> None:
 # ---------------------------------------------------------------------------------------- errors
 
 
-def test_refuses_to_overwrite_without_flag(tmp_path: Path) -> None:
+def test_refuses_to_overwrite_without_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     kw = {"patients": 2, "external": 0, "dim": 32, "genes": 5, "patches": 16, "progress": False}
     generate_cohort(tmp_path, **kw)
-    with pytest.raises(ConfigError, match="cohort.zarr"):
+    with pytest.raises(ConfigError, match="cohort.zarr") as err:
         generate_cohort(tmp_path, **kw)
+    assert str(err.value).endswith("already exists; pass --overwrite to replace it")
+    assert main(["synth", str(tmp_path), "-q"]) == 2
+    assert (
+        capsys.readouterr().err.strip().endswith("already exists; pass --overwrite to replace it")
+    )
     generate_cohort(tmp_path, overwrite=True, **kw)
     assert json.loads((tmp_path / "oracle.json").read_text())["arguments"]["patients"] == 2
 

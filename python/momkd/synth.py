@@ -928,9 +928,7 @@ def generate_cohort(
     ]
     present = [name for name in outputs if (out / name).exists()]
     if present and not overwrite:
-        raise ConfigError(
-            f"{out / present[0]}: already exists (pass overwrite=True / --overwrite to replace)"
-        )
+        raise ConfigError(f"{out / present[0]}: already exists; pass --overwrite to replace it")
     for name in present:
         target = out / name
         if target.is_dir():

@@ -358,6 +358,20 @@ def _header_hints(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _initial_attrs(
+    file_attrs: Mapping[str, Any], attrs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Header keys of a new store: hints from the first file's coordinate attributes, the caller's
+    ``attrs``, and ``provenance.source_attrs`` (those attributes). They are in the header from its
+    first commit on, so a resumed ingest finishes with the same provenance as an uninterrupted one.
+    """
+    out = {**_header_hints(file_attrs), **dict(attrs or {})}
+    provenance = out.get("provenance")
+    if file_attrs and (provenance is None or isinstance(provenance, Mapping)):
+        out["provenance"] = {"source_attrs": dict(file_attrs), **dict(provenance or {})}
+    return out
+
+
 def _version() -> str:
     try:
         from momkd._core import __version__
@@ -421,8 +435,9 @@ def ingest(
         Feature compression (see :class:`~momkd.data.store.StoreWriter`).
     shard_mb : float, optional
         Write a sharded store (format version 1.1): ``features`` shards of about this many MiB
-        (decoded; 64-256 suit HPC file systems and object stores), ``coords`` sharded alike. A
-        resumed store keeps its own layout.
+        (decoded; 64-256 suit HPC file systems and object stores), ``coords`` sharded alike.
+        Resuming an interrupted ingest needs the same value (or none again for an unsharded
+        store), as it needs the same ``codec``.
     skip_bad : bool
         Log and count a bad file and go on, instead of stopping at it.
     overwrite : bool
@@ -487,7 +502,7 @@ def ingest(
 
     if shard_mb is not None and not shard_mb > 0:
         raise IngestError(f"ingest {out_path}: shard_mb must be > 0, got {shard_mb!r}")
-    writer = _open_existing(out_path, meta, dtype, chunk_rows, overwrite, codec)
+    writer = _open_existing(out_path, meta, dtype, chunk_rows, overwrite, codec, shard_mb)
     fresh_overwrite = overwrite or (out_path.exists() and writer is None)
     resumed = writer.resumed_slides if writer is not None else 0
     todo = sources
@@ -509,7 +524,6 @@ def ingest(
         dynamic_ncols=True,
     )
     written = patches_written = bytes_read = 0
-    first_attrs: dict[str, Any] | None = None
     gridded: list[str] = []
     if writer is not None:  # resuming: keep the committed slides laid on a grid earlier
         gridded = [s for s in writer.attrs.get("grid_coords") or [] if s in writer]
@@ -537,8 +551,7 @@ def ingest(
                 bar.update(1)
                 continue
             if writer is None:
-                first_attrs = file_attrs
-                header_attrs = {**_header_hints(file_attrs), **dict(attrs or {})}
+                header_attrs = _initial_attrs(file_attrs, attrs)
                 rows = chunk_rows or default_chunk_rows(feats.shape[1], dtype)
                 writer = StoreWriter(
                     out_path,
@@ -597,8 +610,6 @@ def ingest(
             "skipped": skipped_before + skipped,
         }
     )
-    if first_attrs:
-        provenance.setdefault("source_attrs", first_attrs)
     extra: dict[str, Any] = {"provenance": provenance}
     if gridded:
         extra["grid_coords"] = gridded
@@ -646,8 +657,10 @@ def _open_existing(
     chunk_rows: int | None,
     overwrite: bool,
     codec: str = "lz4",
+    shard_mb: float | None = None,
 ) -> StoreWriter | None:
-    """Resume ``out`` if it is an interrupted ingest of the same sources; None to start afresh."""
+    """Resume ``out`` if it is an interrupted ingest of the same sources and settings; None to
+    start afresh."""
     if not (out.exists() or out.is_symlink()):
         return None
     if overwrite:
@@ -687,10 +700,32 @@ def _open_existing(
             f"output {out}: the interrupted ingest used chunk_rows {state.get('chunk_rows')!r}, "
             f"not {chunk_rows}"
         )
+    recorded = state.get("shard_rows")
+    try:
+        wanted = (
+            None
+            if shard_mb is None
+            else shard_rows_for(
+                shard_mb, int(state["feature_dim"]), int(state["chunk_rows"]), dtype
+            )
+        )
+    except (KeyError, TypeError, ValueError):
+        wanted = recorded  # a malformed state: StoreWriter.resume below says what is wrong
+    if wanted != recorded:
+        asked = "no --shard-mb" if shard_mb is None else f"--shard-mb {shard_mb:g}"
+        raise IngestError(
+            f"output {out}: the interrupted ingest wrote {_layout(recorded)}; this run asks for "
+            f"{_layout(wanted)} ({asked}). Rerun with the interrupted ingest's --shard-mb or "
+            "pass --overwrite"
+        )
     try:
         return StoreWriter.resume(out, commit_interval=COMMIT_INTERVAL_S)
     except StoreError as exc:
         raise IngestError(f"output {out}: cannot resume ({exc}); pass --overwrite") from None
+
+
+def _layout(shard_rows: Any) -> str:
+    return "an unsharded store" if shard_rows is None else f"shards of {shard_rows} rows"
 
 
 def _only_store_remains(path: Path) -> bool:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -247,6 +248,34 @@ def _write_header(path: Path, header: Mapping[str, Any]) -> None:
     attrs["momkd"] = dict(header)
     meta["attributes"] = attrs
     _write_json_atomic(path / "zarr.json", meta)
+
+
+# zarr-python writes a chunk or metadata file `name` as `name` minus its suffix plus
+# `.<32 hex digits>.partial`, then renames it; a killed writer can leave one behind.
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+# `_write_json_atomic`'s temporary header: `zarr.json.<pid>.tmp`.
+_HEADER_TMP = re.compile(r"^zarr\.json\.\d+\.tmp$")
+
+
+def _remove_temporaries(path: Path) -> int:
+    """Delete the temporary files an interrupted writer left in the store at ``path`` (zarr-python's
+    ``*.partial`` files in the arrays, this module's temporary headers); return how many.
+
+    Only a resuming writer calls this: a store has one writer at a time, so no temporary file
+    belongs to a write still in progress.
+    """
+    removed = 0
+    candidates = [p for p in path.iterdir() if _HEADER_TMP.match(p.name)]
+    for name in _ARRAYS:
+        if (path / name).is_dir():
+            candidates += [
+                p for p in (path / name).rglob("*.partial") if _ZARR_PARTIAL.search(p.name)
+            ]
+    for p in candidates:
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _looks_like_store(path: Path) -> bool:
@@ -658,6 +687,11 @@ class StoreWriter:
                 raise StoreError(f"{where}: duplicate slide id {sid!r} in header")
             self._idset.add(sid)
         self._ids = ids
+        removed = _remove_temporaries(path)
+        if removed:
+            logger.info(
+                "store %s: removed %d temporary files of the interrupted write", path, removed
+            )
         if done == 0 and rows_done == 0:
             # Interrupted before the first commit: the arrays may not even exist yet.
             self._create_arrays()
