@@ -50,6 +50,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "study" / "recipe_results.csv"
 TABLES = REPO / "docs" / "study" / "recipe_tables.md"
+PAIRED = REPO / "docs" / "study" / "paired.json"
 
 LABELS = {"her2": ("Positive", "Negative"), "pr": ("Positive", "Negative"), "odx": ("High", "Low")}
 SYNTH_SIZES = {
@@ -65,6 +66,8 @@ SYNTH_SIZES = {
 }
 MIL = ("birds_brown_creeper", "corel_dogs", "protein", "web_recommendation_1")
 STUDY_SEEDS = (0, 1, 2)
+#: Every plan in the order ``all`` runs them.
+PLANS = ("screen", "final", "released", "confirm", "curve", "knobs")
 CONFIRM_SEEDS = (10, 11)
 
 WIDTHS = {
@@ -146,13 +149,41 @@ SCREEN: dict[str, dict[str, object]] = {
     "epochs10": {"train.epochs": 10, "train.min_epochs": 10},
     "epochs40": {"train.epochs": 40, "train.min_epochs": 40},
     "wider": {"width": "wider"},
+    # Second round, added after the first showed MoMKD 0.05 behind ABMIL on demo-s0-her2:
+    # lighter dropout in the encoders, a heavier cross-entropy weight, and the two best single
+    # changes of the first round together.
+    "dropout0.25": {"model.dropout": 0.25, "model.attn_dropout": 0.25},
+    "ce1": {"loss.ce": 1.0},
+    "lr1e-3+wd1e-1": {"train.lr": 1e-3, "train.weight_decay": 1e-1},
 }
+
+#: Axes that concern one method only (loss weights of MoMKD).
+SCREEN_METHODS = {"ce1": ("momkd",)}
 
 #: The development cohorts of the screen (a subset of the study cohorts).
 SCREEN_COHORTS = ("demo-s0-her2", "demo-s1-pr", "default-s0-pr", "mil-birds_brown_creeper")
 #: MoMKD is the slow method (4-5x ABMIL per epoch on 2 CPU cores): its screen runs on the two
 #: demo-size development cohorts only.
 SCREEN_MOMKD_COHORTS = ("demo-s0-her2", "demo-s1-pr")
+
+#: Learning curves of MoMKD against its genomics-free ablation (``curve`` plan): one demo-size
+#: and one default-size cohort, training shares 0.25, 0.5 and 1 (splits.train_fraction).
+CURVE_COHORTS = ("demo-s0-her2", "default-s0-pr")
+CURVE_FRACTIONS = (0.25, 0.5, 1.0)
+CURVE_METHODS = ("momkd", "momkd_histo", "abmil", "meanpool")
+
+#: MoMKD's own knobs (``knobs`` plan), each tried on MoMKD and, where it concerns the memory, on
+#: the ablation too, so that the paired MoMKD - ablation difference can be read per setting.
+KNOB_COHORTS = ("demo-s0-her2", "demo-s1-pr")
+KNOBS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
+    "base": ({}, ("momkd_histo",)),
+    "align_omics0.2": ({"loss.align_omics": 0.2}, ("momkd",)),
+    "align_omics0.5": ({"loss.align_omics": 0.5, "loss.mse": 0.2}, ("momkd",)),
+    "momentum": ({"memory.update": "momentum"}, ("momkd", "momkd_histo")),
+    "memory_k8": ({"model.memory_k": 8}, ("momkd", "momkd_histo")),
+    "margin0.1": ({"loss.align_margin": 0.1}, ("momkd", "momkd_histo")),
+    "margin0.5": ({"loss.align_margin": 0.5}, ("momkd", "momkd_histo")),
+}
 
 FIELDS = [
     "plan",
@@ -254,11 +285,14 @@ def base_overrides(c: Cohort, width: str) -> list[str]:
     }
     if c.has_expression:
         items["data.expression"] = str(c.root / "expression.csv")
+    widths = dict(WIDTHS[c.width])
     if width == "wider":
-        width = "w128" if c.width == "w64" else "w256"
-    widths = dict(WIDTHS.get(width, {}))
-    if width == "w256":
-        widths = {k: (v * 2 if k.startswith("model.") else v) for k, v in WIDTHS["w128"].items()}
+        # One step wider: the model widths of the next size (w64 -> w128, w128 -> 2 x w128); the
+        # genes and the memory initialisation stay the cohort's.
+        wide = WIDTHS["w128"] if c.width == "w64" else {k: 2 * v for k, v in WIDTHS["w128"].items()}
+        widths.update({k: v for k, v in wide.items() if k.startswith("model.")})
+    elif width != c.width:
+        widths = dict(WIDTHS[width])
     items.update(widths)
     return [
         f"{k}={json.dumps(v) if isinstance(v, (list, str)) else _yaml(v)}" for k, v in items.items()
@@ -365,14 +399,34 @@ def plan_jobs(plan: str, chosen: dict[str, object]) -> list[Job]:
             for co in SCREEN_COHORTS:
                 methods = ["meanpool", "abmil"] + (["momkd"] if co in SCREEN_MOMKD_COHORTS else [])
                 for m in methods:
-                    jobs.append(Job(plan, co, m, name, tuple(settings.items())))
+                    if m in SCREEN_METHODS.get(name, (m,)):
+                        jobs.append(Job(plan, co, m, name, tuple(settings.items())))
+        return jobs
+    if plan == "curve":
+        for co in CURVE_COHORTS:
+            for frac in CURVE_FRACTIONS:
+                settings = {**chosen, "splits.train_fraction": frac}
+                for m in CURVE_METHODS:
+                    if frac == 1.0 and m != "momkd_histo":
+                        continue  # the final plan's runs
+                    jobs.append(Job(plan, co, m, f"chosen-f{frac}", tuple(settings.items())))
+        return jobs
+    if plan == "knobs":
+        for co in KNOB_COHORTS:
+            for name, (knob, methods) in KNOBS.items():
+                for m in methods:
+                    jobs.append(Job(plan, co, m, name, tuple({**chosen, **knob}.items())))
         return jobs
     cohorts: list[str] = []
-    if plan in ("final", "released"):
+    if plan == "final":
         for size in SYNTH_SIZES:
             for seed in STUDY_SEEDS:
                 cohorts += [f"{size}-s{seed}-{lab}" for lab in LABELS]
         cohorts += [f"mil-{d}" for d in MIL]
+    elif plan == "released":
+        # The protocol before the study, on the seed-0 synthetic cohorts only (a reference).
+        for size in SYNTH_SIZES:
+            cohorts += [f"{size}-s0-{lab}" for lab in LABELS]
     elif plan == "confirm":
         for size in SYNTH_SIZES:
             for seed in CONFIRM_SEEDS:
@@ -429,7 +483,7 @@ def run_plan(
         prepare_data(c, work)
         make_splits(c, work)
     # Slow jobs first, so that the two workers finish together.
-    weight = {"momkd": 0, "abmil": 1, "meanpool": 2}
+    weight = {"momkd": 0, "momkd_histo": 0, "abmil": 1, "meanpool": 2}
     jobs.sort(key=lambda j: (weight[j.method], j.cohort.startswith("demo")))
     print(f"{plan}: {len(jobs)} runs to do", flush=True)
     t0 = time.perf_counter()
@@ -447,6 +501,67 @@ def run_plan(
             )
 
 
+def _run_dir(work: Path, plan: str, cohort_name: str, recipe: str, method: str) -> Path:
+    return work / "runs" / plan / cohort_name / recipe / method
+
+
+def paired_summaries(work: Path) -> dict[str, object]:
+    """Paired comparisons (momkd.compare) of the ``curve`` and ``knobs`` runs: per cohort and
+    training share, and per cohort and knob, MoMKD against its genomics-free ablation (and the
+    curve's baselines), on the same pooled test slides. Written to ``docs/study/paired.json``."""
+    from momkd.compare import summarise_runs
+
+    def compare(runs: dict[str, Path], out: Path) -> dict[str, object]:
+        runs = {m: d for m, d in runs.items() if (d / "summary.json").is_file()}
+        if len(runs) < 2:
+            return {}
+        res = summarise_runs(runs, out, resamples=2000, seed=0)
+        return {
+            "pooled_auc": {m: v["pooled_auc"] for m, v in res["methods"].items()},
+            "paired": res["paired"],
+        }
+
+    result: dict[str, object] = {"curve": {}, "knobs": {}}
+    for co in CURVE_COHORTS:
+        per: dict[str, object] = {}
+        for frac in CURVE_FRACTIONS:
+            runs = {}
+            for m in CURVE_METHODS:
+                plan, recipe = (
+                    ("final", "chosen")
+                    if frac == 1.0 and m != "momkd_histo"
+                    else (
+                        "curve",
+                        f"chosen-f{frac}",
+                    )
+                )
+                runs[m] = _run_dir(work, plan, co, recipe, m)
+            per[str(frac)] = compare(runs, work / "compare" / "curve" / co / f"f{frac}")
+        result["curve"][co] = per  # type: ignore[index]
+    for co in KNOB_COHORTS:
+        per = {}
+        for name, (_knob, methods) in KNOBS.items():
+            if name == "base":
+                momkd = _run_dir(work, "final", co, "chosen", "momkd")
+                if not momkd.is_dir():
+                    momkd = _run_dir(work, "screen", co, "chosen", "momkd")
+                runs = {
+                    "momkd": momkd,
+                    "momkd_histo": _run_dir(work, "knobs", co, "base", "momkd_histo"),
+                }
+            else:
+                histo = name if "momkd_histo" in methods else "base"
+                runs = {
+                    "momkd": _run_dir(work, "knobs", co, name, "momkd"),
+                    "momkd_histo": _run_dir(work, "knobs", co, histo, "momkd_histo"),
+                }
+            per[name] = compare(runs, work / "compare" / "knobs" / co / name)
+        result["knobs"][co] = per  # type: ignore[index]
+    PAIRED.parent.mkdir(parents=True, exist_ok=True)
+    PAIRED.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
 def load_chosen() -> dict[str, object]:
     """The recipe chosen from the screen: the defaults of ``momkd init-config`` (default preset)."""
     from momkd.config import RECIPE
@@ -456,22 +571,26 @@ def load_chosen() -> dict[str, object]:
 
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("step", choices=["run", "table", "all"])
-    ap.add_argument("--plan", default="screen", help="screen, final, released or confirm")
+    ap.add_argument("step", choices=["run", "paired", "table", "all"])
+    ap.add_argument(
+        "--plan", default="screen", help="screen, final, released, confirm, curve or knobs"
+    )
     ap.add_argument("--work", type=Path, default=REPO / "study_work")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated recipes, cohorts or methods")
     args = ap.parse_args(list(argv) if argv is not None else None)
     only = [s for s in args.only.split(",") if s]
     if args.step in ("run", "all"):
-        plans = [args.plan] if args.step == "run" else ["screen", "final", "released", "confirm"]
+        plans = [args.plan] if args.step == "run" else list(PLANS)
         for plan in plans:
-            chosen = load_chosen() if plan in ("final", "confirm") else {}
+            chosen = load_chosen() if plan not in ("screen", "released") else {}
             run_plan(plan, args.work, args.workers, chosen, only)
+    if args.step in ("paired", "all"):
+        paired_summaries(args.work)
     if args.step in ("table", "all"):
         from recipe_tables import write_tables  # type: ignore[import-not-found]
 
-        write_tables(RESULTS, TABLES)
+        write_tables(RESULTS, TABLES, PAIRED)
     return 0
 
 

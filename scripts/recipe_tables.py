@@ -116,7 +116,70 @@ def cohort_table(rows: list[dict[str, str]], plan: str, recipe: str | None = Non
     return "\n".join(lines)
 
 
-def write_tables(results: Path, out: Path) -> Path:
+def _diff(pair: dict[str, object]) -> str:
+    d, lo, hi, p = (_f(pair.get(k)) for k in ("auc_diff", "ci_low", "ci_high", "p_value"))  # type: ignore[arg-type]
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}], p = {p:.2g}"
+
+
+def _pair(block: dict[str, object], a: str, b: str) -> dict[str, object] | None:
+    for pair in block.get("paired", []):  # type: ignore[union-attr]
+        if pair["a"] == a and pair["b"] == b:
+            return pair  # type: ignore[no-any-return]
+    return None
+
+
+def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) -> list[str]:
+    parts: list[str] = []
+    curve = paired.get("curve") or {}
+    if curve:
+        parts += [
+            "## What the teacher adds: learning curves (pooled test AUC, paired differences)",
+            "",
+            "| cohort | training share | MoMKD | ablation | ABMIL | meanpool | MoMKD − ablation | MoMKD − meanpool |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for co, per in curve.items():
+            for frac, block in per.items():
+                if not block:
+                    continue
+                auc = block["pooled_auc"]  # type: ignore[index]
+
+                def a(m: str) -> str:
+                    v = auc.get(m)  # type: ignore[union-attr]
+                    return "—" if v is None else f"{_f(v['value']):.3f}"
+
+                d1 = _pair(block, "momkd", "momkd_histo")
+                d2 = _pair(block, "momkd", "meanpool")
+                parts.append(
+                    f"| {co} | {frac} | {a('momkd')} | {a('momkd_histo')} | {a('abmil')} | "
+                    f"{a('meanpool')} | {_diff(d1) if d1 else '—'} | {_diff(d2) if d2 else '—'} |"
+                )
+        parts.append("")
+    knobs = paired.get("knobs") or {}
+    if knobs:
+        parts += [
+            "## MoMKD's own knobs: MoMKD − ablation at each setting (pooled test AUC)",
+            "",
+            "| cohort | setting | MoMKD | ablation | MoMKD − ablation |",
+            "|---|---|---|---|---|",
+        ]
+        for co, per in knobs.items():
+            for name, block in per.items():
+                if not block:
+                    continue
+                auc = block["pooled_auc"]  # type: ignore[index]
+                d = _pair(block, "momkd", "momkd_histo")
+                parts.append(
+                    f"| {co} | {name} | {_f(auc['momkd']['value']):.3f} | "  # type: ignore[index]
+                    f"{_f(auc['momkd_histo']['value']):.3f} | {_diff(d) if d else '—'} |"  # type: ignore[index]
+                )
+        parts.append("")
+    return parts
+
+
+def write_tables(results: Path, out: Path, paired_path: Path | None = None) -> Path:
+    import json
+
     rows = _rows(results)
     parts = [
         "# Recipe study: tables",
@@ -138,6 +201,8 @@ def write_tables(results: Path, out: Path) -> Path:
         table = cohort_table(rows, plan, recipe)
         if table:
             parts += [f"## {title}", "", table, ""]
+    if paired_path is not None and paired_path.is_file():
+        parts += paired_tables(json.loads(paired_path.read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out

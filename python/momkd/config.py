@@ -81,7 +81,7 @@ RECIPE: dict[str, Any] = {
     "train.min_epochs": 10,
     "train.monitor": "last",
     "train.weight_decay": 1e-2,
-    "train.ema": 0.998,
+    "train.ema": None,
     "train.patch_dropout": 0.0,
     "train.feature_dropout": 0.0,
 }
