@@ -177,6 +177,49 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
     return parts
 
 
+def curve_plot(
+    paired: dict[str, dict[str, dict[str, dict[str, object]]]], out: Path
+) -> Path | None:
+    """MoMKD - ablation and MoMKD - meanpool (paired pooled-AUC differences with their 95 % CIs)
+    against the training share, one panel per learning-curve cohort."""
+    curve = {co: per for co, per in (paired.get("curve") or {}).items() if any(per.values())}
+    if not curve:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(curve), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(curve), squeeze=False)[0]
+    for ax, (co, per) in zip(axes, curve.items()):
+        for k, (b, label, colour) in enumerate(
+            (
+                ("momkd_histo", "MoMKD − ablation (genomics)", "C0"),
+                ("meanpool", "MoMKD − meanpool", "C1"),
+            )
+        ):
+            xs, ds, lo, hi = [], [], [], []
+            for frac, block in per.items():
+                pair = _pair(block, "momkd", b) if block else None
+                if pair is None:
+                    continue
+                d = _f(pair["auc_diff"])  # type: ignore[arg-type]
+                xs.append(float(frac) * (1 + 0.04 * (k - 0.5)))
+                ds.append(d)
+                lo.append(d - _f(pair["ci_low"]))  # type: ignore[arg-type]
+                hi.append(_f(pair["ci_high"]) - d)  # type: ignore[arg-type]
+            if xs:
+                ax.errorbar(xs, ds, yerr=[lo, hi], marker="o", capsize=3, color=colour, label=label)
+        ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([0.25, 0.5, 1.0], labels=["25 %", "50 %", "100 %"])
+        ax.set_xlabel("share of each fold's training patients")
+        ax.set_ylabel("paired Δ pooled test AUC [95 % CI]")
+        ax.set_title(co)
+    axes[0].legend(fontsize=8, loc="best")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def write_tables(results: Path, out: Path, paired_path: Path | None = None) -> Path:
     import json
 
@@ -202,7 +245,11 @@ def write_tables(results: Path, out: Path, paired_path: Path | None = None) -> P
         if table:
             parts += [f"## {title}", "", table, ""]
     if paired_path is not None and paired_path.is_file():
-        parts += paired_tables(json.loads(paired_path.read_text()))
+        paired = json.loads(paired_path.read_text())
+        parts += paired_tables(paired)
+        png = curve_plot(paired, out.parent.parent / "img" / "genomics_learning_curve.png")
+        if png is not None:
+            parts += [f"![MoMKD against its ablation and meanpool](../img/{png.name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out
