@@ -174,14 +174,13 @@ CURVE_METHODS = ("momkd", "momkd_histo", "abmil", "meanpool")
 
 #: MoMKD's own knobs (``knobs`` plan), each tried on MoMKD and, where it concerns the memory, on
 #: the ablation too, so that the paired MoMKD - ablation difference can be read per setting.
-KNOB_COHORTS = ("demo-s0-her2", "demo-s1-pr")
+KNOB_COHORTS = ("demo-s0-her2",)  # a learning-curve cohort: its full-share ablation is the base
 KNOBS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
-    "base": ({}, ("momkd_histo",)),
+    "base": ({}, ()),  # the final plan's MoMKD against the curve's full-share ablation
     "align_omics0.2": ({"loss.align_omics": 0.2}, ("momkd",)),
     "align_omics0.5": ({"loss.align_omics": 0.5, "loss.mse": 0.2}, ("momkd",)),
     "momentum": ({"memory.update": "momentum"}, ("momkd", "momkd_histo")),
     "memory_k8": ({"model.memory_k": 8}, ("momkd", "momkd_histo")),
-    "margin0.1": ({"loss.align_margin": 0.1}, ("momkd", "momkd_histo")),
     "margin0.5": ({"loss.align_margin": 0.5}, ("momkd", "momkd_histo")),
 }
 
@@ -540,21 +539,20 @@ def paired_summaries(work: Path) -> dict[str, object]:
         result["curve"][co] = per  # type: ignore[index]
     for co in KNOB_COHORTS:
         per = {}
+        # The base setting: the final plan's MoMKD and the ablation of the curve's full share.
+        base_histo = _run_dir(work, "curve", co, "chosen-f1.0", "momkd_histo")
         for name, (_knob, methods) in KNOBS.items():
             if name == "base":
                 momkd = _run_dir(work, "final", co, "chosen", "momkd")
-                if not momkd.is_dir():
-                    momkd = _run_dir(work, "screen", co, "chosen", "momkd")
-                runs = {
-                    "momkd": momkd,
-                    "momkd_histo": _run_dir(work, "knobs", co, "base", "momkd_histo"),
-                }
+                histo = base_histo
             else:
-                histo = name if "momkd_histo" in methods else "base"
-                runs = {
-                    "momkd": _run_dir(work, "knobs", co, name, "momkd"),
-                    "momkd_histo": _run_dir(work, "knobs", co, histo, "momkd_histo"),
-                }
+                momkd = _run_dir(work, "knobs", co, name, "momkd")
+                histo = (
+                    _run_dir(work, "knobs", co, name, "momkd_histo")
+                    if "momkd_histo" in methods
+                    else base_histo
+                )
+            runs = {"momkd": momkd, "momkd_histo": histo}
             per[name] = compare(runs, work / "compare" / "knobs" / co / name)
         result["knobs"][co] = per  # type: ignore[index]
     PAIRED.parent.mkdir(parents=True, exist_ok=True)
