@@ -138,7 +138,9 @@ def test_train_eval_predict_and_run_directory_guards(cohort: Path, tmp_path: Pat
     # Without the earlier summary it sums the folds' times, on the device they record.
     (run / "summary.json").unlink()
     assert main(["summarize", str(run)]) == 0
-    seconds = sum(json.loads((run / f"fold_{f}/result.json").read_text())["seconds"] for f in (0, 1))
+    seconds = sum(
+        json.loads((run / f"fold_{f}/result.json").read_text())["seconds"] for f in (0, 1)
+    )
     assert (run / "summary.txt").read_text().strip().splitlines()[-1] == (
         f"time: {seconds:.1f} s (sum of the folds' times) on cpu"
     )

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from momkd.config import RunConfig, selects_as_released, load_config, preset_yaml
+from momkd.config import RunConfig, load_config, preset_yaml, selects_as_released
 from momkd.errors import ConfigError, DataError
 from momkd.train.runner import prepare_run, train
 from momkd.train.splits import Split, write_splits

@@ -693,7 +693,8 @@ def _merged_timing(run: Path) -> dict[str, Any]:
             previous = read_json(run / "summary.json")
         except (OSError, ValueError):
             previous = {}
-    old = previous.get("timing") if isinstance(previous.get("timing"), dict) else {}
+    raw = previous.get("timing")
+    old: dict[str, Any] = raw if isinstance(raw, dict) else {}
     merged = [r.get("fold") for r in previous.get("folds") or [] if isinstance(r, dict)]
     if old and merged == folds:
         return {k: v for k, v in old.items() if k != "fold_seconds"}
