@@ -1,18 +1,24 @@
 """k-fold cross-validated training: ``momkd train`` and :func:`momkd.train`.
 
-:func:`train` resolves the run directory, saves the resolved ``config.yaml``, loads and validates
-the clinical table, the expression matrix and the store, makes (or reads) the patient-level splits,
+:func:`train` resolves the run directory, loads and validates the clinical table, the expression
+matrix and the store, makes (or reads) the patient-level splits, saves the resolved ``config.yaml``,
 fits the genomics preprocessing inside each fold on that fold's training patients only, trains every
 fold with :class:`~momkd.train.loop.FoldTrainer`, evaluates the external cohort with every fold's
 model and the fold ensemble, and writes ``summary.json`` and ``summary.txt``.
 
 Run directory::
 
-    config.yaml            resolved configuration (absolute paths)
+    config.yaml            resolved configuration (absolute paths; output.dir = this folder)
+    data.json              the inputs as read (counts, excluded labels, external cohort)
     splits/splits_<k>.csv  train/val/test slide ids per fold (CLAM convention)
     fold_<k>/              checkpoints, history, predictions, result.json (see momkd.train.loop)
     external_predictions.csv   fold-ensemble probabilities on the external cohort (if configured)
     summary.json, summary.txt
+    report.html, report/   written by the command line (momkd.report)
+
+Nothing is written before the inputs, the labels, the genomics settings and the splits are checked
+(:func:`check_trainable`, :func:`check_folds`), so a start that fails on its inputs leaves no
+folder behind.
 
 ``summary.json`` keys: ``method``, ``label_column``, ``folds`` (per-fold dicts with ``val``,
 ``test`` and, with an external cohort, ``external`` metric dicts), ``mean`` and ``std`` (test
@@ -153,9 +159,9 @@ def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, res
         raise ConfigError("output.dir: no run directory (set output.dir or pass --out)")
     run_dir = run_dir.expanduser().absolute()
     saved = run_dir / "config.yaml"
-    fresh = not run_dir.exists() or not any(run_dir.iterdir())
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory path exists and is not a folder")
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
     # A folder in which no fold has trained (a prepared run, or a start that failed after the
     # folder was written) holds nothing that removing it would lose.
     untrained = not fresh and not _has_trained(run_dir)
