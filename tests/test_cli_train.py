@@ -128,6 +128,23 @@ def test_train_eval_predict_and_run_directory_guards(cohort: Path, tmp_path: Pat
     again = json.loads((run / "summary.json").read_text())
     assert again["mean"] == summary["mean"]
 
+    # momkd summarize with nothing new to merge keeps the time line (seconds and device).
+    last_line = (run / "summary.txt").read_text().strip().splitlines()[-1]
+    assert last_line.startswith("time: ") and last_line.endswith(" s on cpu")
+    from momkd.cli import main
+
+    assert main(["summarize", str(run)]) == 0
+    assert (run / "summary.txt").read_text().strip().splitlines()[-1] == last_line
+    # Without the earlier summary it sums the folds' times, on the device they record.
+    (run / "summary.json").unlink()
+    assert main(["summarize", str(run)]) == 0
+    seconds = sum(
+        json.loads((run / f"fold_{f}/result.json").read_text())["seconds"] for f in (0, 1)
+    )
+    assert (run / "summary.txt").read_text().strip().splitlines()[-1] == (
+        f"time: {seconds:.1f} s (sum of the folds' times) on cpu"
+    )
+
     res = _cli(
         "eval",
         str(run),
@@ -135,11 +152,26 @@ def test_train_eval_predict_and_run_directory_guards(cohort: Path, tmp_path: Pat
         str(cohort / "cohort.zarr"),
         "--clinical",
         str(cohort / "clinical.csv"),
-        "--out",
-        str(tmp_path / "ev"),
     )
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "ev" / "metrics.json").is_file()
+    assert (run / "eval_cohort" / "metrics.json").is_file()
+
+    res = _cli("explain", str(run), "--store", str(cohort / "cohort.zarr"), "--top-k", "1")
+    assert res.returncode == 0, res.stderr
+    assert "None" not in res.stdout and "gallery" not in res.stdout
+    assert (run / "explain").is_dir()
+
+    # Everything in the run folder is in the README's list of its contents.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listing = readme[readme.index("* **Run directory**") : readme.index("* **`summary.txt`**")]
+    for entry in sorted(run.iterdir()):
+        if entry.name.startswith("."):
+            continue  # the summary's lock file
+        name = entry.name.replace("_0", "_<k>").replace("_1", "_<k>")
+        name = name.replace("eval_cohort", "eval_<store name>")
+        assert f"`{name}" in listing or f"`{name}/`" in listing, entry.name
+    for entry in sorted((run / "fold_0").iterdir()):
+        assert f"`{entry.name}`" in listing, entry.name
 
     res = _cli(
         "predict",

@@ -153,7 +153,7 @@ def test_lr_schedule_and_kept_epoch_in_a_training_run_follow_the_monitor(
     assert summary["folds"][0]["best_epoch"] == kept
 
 
-def test_small_validation_set_warns_once_per_fold(
+def test_small_validation_sets_warn_once_per_run(
     cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from momkd.train.runner import train
@@ -166,7 +166,8 @@ def test_small_validation_set_warns_once_per_fold(
     warnings = [r.getMessage() for r in caplog.records if "small validation set" in r.getMessage()]
     assert len(warnings) == 1
     val = [r["val"] for r in _read_csv(tmp_path / "run/splits/splits_0.csv") if r["val"].strip()]
-    assert f"fold 0: small validation set ({len(val)} slides" in warnings[0]
+    assert f"(fold 0: {len(val)} slides, " in warnings[0]
+    assert "fold 1" not in warnings[0]  # only the folds being trained
     assert "train.monitor: last" in warnings[0]
 
 

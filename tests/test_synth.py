@@ -171,8 +171,15 @@ def test_h5_trident_layout_matches_store(small: tuple[Path, dict]) -> None:
     out, _ = small
     header, off, feats, coords = read_store(out / "cohort.zarr")
     ext_header, _, _, _ = read_store(out / "external.zarr")
-    h5_files = sorted(p.stem for p in (out / "h5").glob("*.h5"))
-    assert h5_files == sorted(header["slide_ids"] + ext_header["slide_ids"])
+    # Each cohort's files in its own folder: ingesting h5/ gives the internal store's slides only.
+    assert sorted(p.stem for p in (out / "h5").glob("*.h5")) == sorted(header["slide_ids"])
+    assert sorted(p.stem for p in (out / "h5_external").glob("*.h5")) == sorted(
+        ext_header["slide_ids"]
+    )
+    assert sorted(p.stem for p in (out / "pt").glob("*.pt")) == sorted(header["slide_ids"])
+    assert sorted(p.stem for p in (out / "pt_external").glob("*.pt")) == sorted(
+        ext_header["slide_ids"]
+    )
     for i, sid in enumerate(header["slide_ids"]):
         with h5py.File(out / "h5" / f"{sid}.h5", "r") as fh:
             f, c = fh["features"], fh["coords"]
@@ -186,6 +193,24 @@ def test_h5_trident_layout_matches_store(small: tuple[Path, dict]) -> None:
         pt = torch.load(out / "pt" / f"{sid}.pt", weights_only=True)
         assert pt.dtype == torch.float32 and tuple(pt.shape) == fa.shape
         np.testing.assert_array_equal(pt.numpy(), fa)
+
+
+def test_ingesting_each_h5_folder_rebuilds_its_own_store(
+    small: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from momkd.data.ingest import ingest
+
+    out, _ = small
+    for folder, store in (("h5", "cohort.zarr"), ("h5_external", "external.zarr")):
+        ingest(out / folder, tmp_path / store, progress=False)
+        header, off, feats, _ = read_store(out / store)
+        got_header, got_off, got_feats, _ = read_store(tmp_path / store)
+        assert sorted(got_header["slide_ids"]) == sorted(header["slide_ids"])
+        for i, sid in enumerate(header["slide_ids"]):
+            j = got_header["slide_ids"].index(sid)
+            np.testing.assert_array_equal(
+                got_feats[got_off[j] : got_off[j + 1]], feats[off[i] : off[i + 1]]
+            )
 
 
 def test_truth_patches_align_with_store(small: tuple[Path, dict]) -> None:

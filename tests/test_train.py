@@ -268,12 +268,44 @@ def test_predict_needs_no_expression(
     n = predict(out, store=cohort / "cohort.zarr", out=dest, slides=sorted(test0), progress=False)
     assert n == len(test0)
     rows = _read_csv(dest)
-    assert list(rows[0]) == ["slide_id", "prob_pos_fold0", "prob_pos_fold1", "prob_pos", "pred"]
+    assert list(rows[0]) == [
+        "slide_id",
+        "prob_pos_fold0",
+        "prob_pos_fold1",
+        "prob_pos",
+        "pred",
+        "pred_thr",
+    ]
+    # pred: the argmax rule; pred_thr: the mean of the folds' validation F1 thresholds, read here
+    # from the folds' result.json independently of the code under test.
+    thr = np.mean(
+        [json.loads((out / f"fold_{f}" / "result.json").read_text())["threshold"] for f in (0, 1)]
+    )
     for r in rows:
         assert float(r["prob_pos_fold0"]) == pytest.approx(test0[r["slide_id"]], abs=1e-6)
         mean = (float(r["prob_pos_fold0"]) + float(r["prob_pos_fold1"])) / 2
         assert float(r["prob_pos"]) == pytest.approx(mean)
         assert int(r["pred"]) == int(mean > 0.5)
+        assert int(r["pred_thr"]) == int(mean > thr)
+
+    # Hand-set thresholds on a copy of the run: their mean is the median ensemble probability,
+    # so pred_thr splits the slides in half whatever pred says.
+    import shutil
+
+    copy = tmp_path / "run_copy"
+    shutil.copytree(out, copy)
+    probs = sorted(float(r["prob_pos"]) for r in rows)
+    mid = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2
+    for f, t in ((0, mid - 0.01), (1, mid + 0.01)):
+        path = copy / f"fold_{f}" / "result.json"
+        result = json.loads(path.read_text())
+        result["threshold"] = t
+        path.write_text(json.dumps(result))
+    predict(copy, store=cohort / "cohort.zarr", out=dest, slides=sorted(test0), progress=False)
+    again = _read_csv(dest)
+    assert [int(r["pred_thr"]) for r in again] == [int(float(r["prob_pos"]) > mid) for r in again]
+    assert sum(int(r["pred_thr"]) for r in again) == len(again) - len(again) // 2
+    assert [r["pred"] for r in again] == [r["pred"] for r in rows]
 
 
 def test_evaluate_run_matches_training_external_metrics(

@@ -371,6 +371,21 @@ def test_summary_table_shows_accuracy_with_full_headers() -> None:
     assert "accuracy 0.625 ± 0.000" in format_summary(_summary())
 
 
+def test_summary_explains_every_column_and_the_time_line() -> None:
+    text = format_summary(_summary())
+    lines = text.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("fold"))
+    legend = "\n".join(lines[: lines.index(header)])
+    for name in ("epochs:", "best:", "val_auc:", "thr:", "thr_*:", "argmax"):
+        assert name in legend, name
+    assert "counted from 0" in legend
+    s = _summary()
+    s["timing"] = {"seconds": 12.34, "device": "cuda:0"}
+    assert format_summary(s).splitlines()[-1] == "time: 12.3 s on cuda:0"
+    s["timing"] = {"seconds": 8.6}  # no device recorded: none is invented
+    assert format_summary(s).splitlines()[-1] == "time: 8.6 s"
+
+
 def test_eval_table_shows_accuracy_with_full_headers() -> None:
     s = _summary()
     result = {"folds": [{"fold": 0, **s["mean"]}], "mean": s["mean"], "std": s["std"]}

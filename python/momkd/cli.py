@@ -23,10 +23,27 @@ log = logging.getLogger("momkd")
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are a single line (exit code 2)."""
+    """An ArgumentParser whose usage errors name the command: the command's usage, then one line
+    ``momkd <command>: error: ...`` (exit code 2)."""
+
+    #: The subcommand parsers by name (set on the top-level parser by :func:`build_parser`).
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse reports a subcommand's unknown options from the top-level parser; report
+            # them from the subcommand, with its usage.
+            command = getattr(parsed, "command", None)
+            target = getattr(self, "commands", {}).get(command, self)
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"momkd {self.prog.split(' ', 1)[-1]}: error: {message}\n")
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -250,6 +267,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         wsi_dir=args.wsi_dir,
     )
     for key, value in result.items():
+        if value is None:
+            continue  # an output not made (no --wsi-dir, no memory history): nothing to show
         if isinstance(value, list | tuple):
             print(f"{key}:")
             for item in value:
@@ -295,15 +314,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """The full ``momkd`` argument parser (exposed for documentation and tests)."""
     parser = _Parser(
         prog="momkd",
         description="MoMKD: genomics-guided training of histology-only slide classifiers.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    _add_common(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -465,7 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
     p.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
     p.set_defaults(func=_cmd_demo)
+
+    # --debug and --verbose are accepted before and after the command (`momkd train ... --debug`);
+    # a subcommand leaves them unset unless given, so `momkd --debug train` keeps working.
+    for command in sub.choices.values():
+        _add_common(command, default=argparse.SUPPRESS)
+    parser.commands = dict(sub.choices)
     return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log at INFO level"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -974,6 +974,14 @@ RELEASED_PROTOCOL: dict[str, Any] = {
     "data.standardize": "none",
 }
 
+
+def selects_as_released(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` selects models as the released protocol does (``init-config --preset
+    official``): on the validation AUC with the plateau schedule, chosen on purpose for parity
+    runs even where validation sets are small."""
+    return cfg.train.monitor == "val_auc" and cfg.train.schedule == "plateau"
+
+
 _PRESET_NOTES = {
     "default": "the training recipe chosen by momkd's recipe study (docs/RECIPE.md) at the "
     "released model's dimensions (hidden 512, sphere 64, loss.mse 0.05)",

@@ -864,7 +864,8 @@ def generate_cohort(
         Output folder (created). Written: ``cohort.zarr``, ``clinical.csv``, ``expression.csv``,
         ``external.zarr`` + ``external_clinical.csv`` (when ``external > 0``), ``truth/``,
         ``oracle.json``; ``h5/<slide_id>.h5`` with ``h5=True``; ``pt/<slide_id>.pt`` with
-        ``pt=True``. See ``docs/SYNTHETIC.md``.
+        ``pt=True``; the external cohort's files in ``h5_external/`` and ``pt_external/``. See
+        ``docs/SYNTHETIC.md``.
     patients, external
         Patients in the internal (with expression) and external (no expression) cohorts.
     dim
@@ -925,6 +926,8 @@ def generate_cohort(
         "truth",
         "h5",
         "pt",
+        "h5_external",
+        "pt_external",
     ]
     present = [name for name in outputs if (out / name).exists()]
     if present and not overwrite:
@@ -937,9 +940,13 @@ def generate_cohort(
             target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir()
+    # The external cohort's files go to their own folders, so that `momkd ingest h5/` builds the
+    # internal cohort's store and `momkd ingest h5_external/` the external one, as the two stores.
     h5_dir = out / "h5" if h5 else None
     pt_dir = out / "pt" if pt else None
-    for d in (h5_dir, pt_dir):
+    h5_ext = out / "h5_external" if h5 and external else None
+    pt_ext = out / "pt_external" if pt and external else None
+    for d in (h5_dir, pt_dir, h5_ext, pt_ext):
         if d is not None:
             d.mkdir()
 
@@ -952,17 +959,17 @@ def generate_cohort(
 
     total = int(pats.n_slides.sum()) + (int(ext.n_slides.sum()) if ext else 0)
     log.info("synth: %d patients, %d external, %d slides -> %s", patients, external, total, out)
-    kwargs: dict[str, Any] = {
-        "dim": dim,
-        "patches": patches,
-        "seed": seed,
-        "h5_dir": h5_dir,
-        "pt_dir": pt_dir,
-    }
+    kwargs: dict[str, Any] = {"dim": dim, "patches": patches, "seed": seed}
     with tqdm(total=total, desc="synth", unit="slide", disable=not progress) as bar:
-        written = _write_cohort(out, "cohort", pats, cfg, fp, None, bar=bar, **kwargs)
+        written = _write_cohort(
+            out, "cohort", pats, cfg, fp, None, bar=bar, h5_dir=h5_dir, pt_dir=pt_dir, **kwargs
+        )
         written_ext = (
-            _write_cohort(out, "external", ext, cfg, fp, site, bar=bar, **kwargs) if ext else None
+            _write_cohort(
+                out, "external", ext, cfg, fp, site, bar=bar, h5_dir=h5_ext, pt_dir=pt_ext, **kwargs
+            )
+            if ext
+            else None
         )
 
     tpm = _expression(cfg, gp, pats.u, seed, "internal")
@@ -1061,6 +1068,8 @@ def generate_cohort(
         "files": {
             "h5": str(h5_dir) if h5_dir else None,
             "pt": str(pt_dir) if pt_dir else None,
+            "h5_external": str(h5_ext) if h5_ext else None,
+            "pt_external": str(pt_ext) if pt_ext else None,
             "truth": str(out / "truth"),
         },
         "config": _config_dict(cfg),

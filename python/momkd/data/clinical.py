@@ -36,6 +36,7 @@ __all__ = [
     "Expression",
     "load_clinical",
     "load_expression",
+    "require_both_classes",
     "require_cases",
 ]
 
@@ -309,17 +310,60 @@ def load_clinical(
     return ClinicalTable(file, slide_ids, case_ids, arr, excluded, label_col, dropped)
 
 
+def _case_near_misses(excluded: Counter[str], mapped: set[str]) -> list[tuple[str, int, str]]:
+    """Excluded values that differ from a mapped value only in case: (value, count, mapped)."""
+    folded: dict[str, str] = {}
+    for m in sorted(mapped):
+        folded.setdefault(m.casefold(), m)
+    return [
+        (v, n, folded[v.casefold()]) for v, n in excluded.most_common() if v.casefold() in folded
+    ]
+
+
+def require_both_classes(
+    table: ClinicalTable, positive: Sequence[Any], negative: Sequence[Any]
+) -> None:
+    """Check that ``table`` has slides of both classes, as training needs.
+
+    Parameters
+    ----------
+    table
+        Labelled slides (from :func:`load_clinical`).
+    positive, negative
+        The label mapping (``data.positive``, ``data.negative``), named in the error.
+
+    Raises
+    ------
+    DataError
+        One class only, naming the column, the counts and, when excluded values differ from a
+        mapped one only in case, those values and the keys that would keep them.
+    """
+    n_pos = int(table.labels.sum())
+    if 0 < n_pos < len(table):
+        return
+    pos, neg = sorted(_label_strings(positive)), sorted(_label_strings(negative))
+    missing = f"positive {pos}" if n_pos == 0 else f"negative {neg}"
+    text = (
+        f"{table.path}: no slide has a {table.label_column} value in {missing}; "
+        f"{len(table)} slides mapped, all to class {1 if n_pos else 0}, and training needs both "
+        "classes"
+    )
+    near = _case_near_misses(table.excluded, set(pos) | set(neg))
+    if near:
+        shown = ", ".join(f"'{v}' ({n} slides)" for v, n, _ in near)
+        text += (
+            f"; values that differ from the mapping only in case were excluded: {shown}: set "
+            "data.label_case_insensitive: true or list them in data.positive/data.negative"
+        )
+    raise DataError(text)
+
+
 def _warn_case_near_miss(
     file: Path, label_col: str, excluded: Counter[str], mapped: set[str]
 ) -> None:
     """Warn once, naming each value and its count, when excluded values differ from a mapped value
     only in case (``positive`` vs ``Positive``)."""
-    folded: dict[str, str] = {}
-    for m in sorted(mapped):
-        folded.setdefault(m.casefold(), m)
-    near = [
-        (v, n, folded[v.casefold()]) for v, n in excluded.most_common() if v.casefold() in folded
-    ]
+    near = _case_near_misses(excluded, mapped)
     if near:
         shown = ", ".join(f"'{v}' ({n} slides, like '{m}')" for v, n, m in near)
         log.warning(
@@ -371,12 +415,15 @@ class Expression:
         ``(G,)`` gene names.
     matrix
         ``(n, G)`` float64 values as read (raw or log-scale).
+    orientation
+        The file's layout as read: ``patients_x_genes`` or ``genes_x_patients``.
     """
 
     path: Path
     case_ids: list[str]
     gene_names: list[str]
     matrix: np.ndarray
+    orientation: str = "patients_x_genes"
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -567,7 +614,7 @@ def load_expression(
         matrix = matrix[[index[c] for c in keep]]
         cases = keep
     log.info("%s: expression of %d patients x %d genes", file, matrix.shape[0], matrix.shape[1])
-    return Expression(file, list(cases), list(genes), matrix)
+    return Expression(file, list(cases), list(genes), matrix, orientation)
 
 
 def require_cases(
@@ -600,6 +647,22 @@ def require_cases(
     missing = [c for c in dict.fromkeys(table.case_ids) if c not in have]
     if not missing:
         return table, []
+    genes = set(expression.gene_names)
+    crossed = [c for c in missing if c in genes]
+    if crossed:
+        # The patient ids are on the gene axis: the file is laid out the other way round, and
+        # skipping patients would only skip them all.
+        other = (
+            "genes_x_patients"
+            if expression.orientation == "patients_x_genes"
+            else "patients_x_genes"
+        )
+        axis = "header" if expression.orientation == "patients_x_genes" else "first column"
+        raise DataError(
+            f"{expression.path}: patients of {table.path} ({_preview(crossed)}) are in the "
+            f"{axis}, where data.expression_orientation: {expression.orientation} expects gene "
+            f"ids; set data.expression_orientation: {other}"
+        )
     if not skip_missing:
         raise DataError(
             f"{expression.path}: {len(missing)} patients of {table.path} have no expression: "

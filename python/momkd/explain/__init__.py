@@ -261,6 +261,9 @@ def explain_run(
         raise MomkdError(f"run directory {run} does not exist")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"explain: top_k must be a positive integer, got {top_k!r}")
+    if wsi_dir is not None and not Path(wsi_dir).is_dir():
+        # checked before any output is written
+        raise MomkdError(f"explain: --wsi-dir {wsi_dir} is not a folder")
     dev = _pick_device(device)
     ckpt_path = _fold_checkpoint(run, fold)
     model, state = load_fold_model(ckpt_path, device=dev)
@@ -370,8 +373,6 @@ def explain_run(
 
     result["gallery"] = None
     if wsi_dir is not None:
-        if not Path(wsi_dir).is_dir():
-            raise MomkdError(f"explain: --wsi-dir {wsi_dir} is not a folder")
         size = patch_size
         if size is None:
             size = 256

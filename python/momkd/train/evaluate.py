@@ -19,7 +19,14 @@ import numpy as np
 
 from momkd.errors import ConfigError, DataError, MomkdError
 
-__all__ = ["FoldModel", "evaluate_run", "format_eval", "load_fold_models", "predict"]
+__all__ = [
+    "FoldModel",
+    "ensemble_threshold",
+    "evaluate_run",
+    "format_eval",
+    "load_fold_models",
+    "predict",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +169,10 @@ def predict(
         Cohort store with the slides.
     out : path
         Output CSV with columns ``slide_id``, ``prob_pos_fold<k>`` per fold model, ``prob_pos``
-        (mean over folds) and ``pred`` (``prob_pos > 0.5``).
+        (mean over folds), ``pred`` (``prob_pos > 0.5``: the argmax rule, as the unthresholded
+        test metrics of ``train`` and ``eval``) and ``pred_thr`` (``prob_pos >`` the mean over the
+        fold models of their F1 thresholds chosen on validation, ``fold_<k>/result.json``; 0.5
+        for a model without one), as the ``thr_*`` metrics.
     slides : sequence of str, optional
         Only these slides (default: every slide of the store).
     progress : bool, optional
@@ -197,17 +207,25 @@ def predict(
     _check_dims(models, cohort, store)
     probs = _predict_all(models, cohort, ids, _progress(progress))
     mean = probs.mean(axis=0)
-    header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models] + ["prob_pos", "pred"]
+    thr = ensemble_threshold(models)
+    header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models]
+    header += ["prob_pos", "pred", "pred_thr"]
     rows = [
         [s]
         + [float(probs[j, i]) for j in range(len(models))]
-        + [float(mean[i]), int(mean[i] > 0.5)]
+        + [float(mean[i]), int(mean[i] > 0.5), int(mean[i] > thr)]
         for i, s in enumerate(ids)
     ]
     out_path = Path(out)
     write_csv(out_path, header, rows)
     log.info("wrote %d predictions to %s", len(ids), out_path)
     return len(ids)
+
+
+def ensemble_threshold(models: Sequence[FoldModel]) -> float:
+    """The decision threshold of a fold ensemble's ``pred_thr``: the mean of the fold models'
+    validation F1 thresholds (as for the ``thr_*`` metrics of the external fold ensemble)."""
+    return float(np.mean([fm.threshold for fm in models]))
 
 
 def _check_dims(models: Sequence[FoldModel], cohort: Any, store: Any) -> None:
@@ -305,15 +323,15 @@ def evaluate_run(
         per_fold.append(m)
     mean, std = aggregate([{k: v for k, v in m.items() if k != "fold"} for m in per_fold])
     ens_p = probs.mean(axis=0)
-    ens_thr = float(np.mean([fm.threshold for fm in models]))
+    ens_thr = ensemble_threshold(models)
     ensemble = evaluate_with_threshold(y, ens_p, ens_thr)
     out_dir = Path(out) if out is not None else run / f"eval_{Path(store).stem}"
     header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
-    header += ["prob_pos", "pred"] + (["slides"] if members is not None else [])
+    header += ["prob_pos", "pred", "pred_thr"] + (["slides"] if members is not None else [])
     rows = [
         [s, cases[s], int(y[i])]
         + [float(probs[j, i]) for j in range(len(models))]
-        + [float(ens_p[i]), int(ens_p[i] > 0.5)]
+        + [float(ens_p[i]), int(ens_p[i] > 0.5), int(ens_p[i] > ens_thr)]
         + ([";".join(members[s])] if members is not None else [])
         for i, s in enumerate(ids)
     ]

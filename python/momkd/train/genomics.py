@@ -143,6 +143,46 @@ class GenomicsPreprocessor:
 
     # ------------------------------------------------------------------------------------- fitting
 
+    def check_genes(self, gene_names: Sequence[str], source: object = None) -> None:
+        """Check that the expression matrix's genes can serve this configuration: at least
+        ``n_genes`` of them, and every gene of a gene list. Run once before training starts, so
+        that a bad value fails before any fold does.
+
+        Parameters
+        ----------
+        gene_names
+            ``(G,)`` column names of the expression matrix.
+        source
+            The expression file, named in the error when given.
+
+        Raises
+        ------
+        ConfigError
+            ``n_genes`` larger than ``G``.
+        DataError
+            Genes of the list missing from ``gene_names``.
+        """
+        where = f" {source}" if source is not None else ""
+        if self.selection != "list" and self.n_genes > len(gene_names):
+            raise ConfigError(
+                f"genomics.n_genes: {self.n_genes} exceeds the {len(gene_names)} genes of the "
+                f"expression matrix{where}"
+            )
+        if self.gene_list is not None:
+            have = set(gene_names)
+            missing = [g for g in self.gene_list if g not in have]
+            if missing:
+                shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+                raise DataError(
+                    f"genomics.gene_list: {len(missing)} genes not in the expression "
+                    f"matrix{where}: {shown}"
+                )
+        if self.selection == "xgboost":
+            try:
+                import xgboost  # noqa: F401 - the ranking needs it in every fold
+            except ImportError:
+                raise ConfigError(_XGBOOST_MISSING) from None
+
     def fit(
         self,
         x_train: np.ndarray,
@@ -195,11 +235,7 @@ class GenomicsPreprocessor:
         if len(names) != x.shape[1]:
             raise DataError(f"genomics: {x.shape[1]} columns but {len(names)} gene names")
         _check_finite(x, "training")
-        if self.selection != "list" and self.n_genes > x.shape[1]:
-            raise ConfigError(
-                f"genomics.n_genes: {self.n_genes} exceeds the {x.shape[1]} genes of the "
-                "expression matrix"
-            )
+        self.check_genes(names)
 
         if self.log == "auto":
             already_log = bool(x.min() < 0 or x.max() < AUTO_LOG_MAX)
@@ -221,13 +257,6 @@ class GenomicsPreprocessor:
         if self.selection == "list":
             assert self.gene_list is not None
             index = {g: i for i, g in enumerate(names)}
-            missing = [g for g in self.gene_list if g not in index]
-            if missing:
-                shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-                raise DataError(
-                    f"genomics.gene_list: {len(missing)} genes not in the expression matrix: "
-                    f"{shown}"
-                )
             selected = np.array([index[g] for g in self.gene_list], dtype=np.int64)
             scores = _anova(z, y)[selected] if len(np.unique(y)) == 2 else np.zeros(len(selected))
         else:
@@ -396,14 +425,17 @@ def _anova(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(f), -np.inf, f)
 
 
+_XGBOOST_MISSING = (
+    "genomics.selection: 'xgboost' needs the xgboost package: "
+    "pip install 'momkd[xgboost]' (or choose anova)"
+)
+
+
 def _xgboost_importance(z: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
     try:
         import xgboost
     except ImportError:
-        raise ConfigError(
-            "genomics.selection: 'xgboost' needs the xgboost package: "
-            "pip install 'momkd[xgboost]' (or choose anova)"
-        ) from None
+        raise ConfigError(_XGBOOST_MISSING) from None
     model = xgboost.XGBClassifier(
         n_estimators=200,
         max_depth=3,

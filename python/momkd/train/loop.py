@@ -1045,7 +1045,8 @@ class FoldTrainer:
         )
 
     def _check_validation_size(self) -> None:
-        """One warning when the validation set is too small for stable model selection."""
+        """Say when the fold has no validation set. (Validation sets too small for model
+        selection get one warning for the whole run, from :mod:`momkd.train.runner`.)"""
         d = self.data
         if not d.val:
             log.info(
@@ -1053,24 +1054,6 @@ class FoldTrainer:
                 "epoch's model",
                 d.fold,
                 self.cfg.train.epochs,
-            )
-            return
-        if self.cfg.train.monitor == "last":
-            return  # the validation set selects nothing; it only feeds the history
-        n_pos = sum(d.labels[s] for s in d.val)
-        n_neg = len(d.val) - n_pos
-        if len(d.val) < 20 or min(n_pos, n_neg) < 5:
-            unit = "patients" if d.members is not None else "slides"
-            log.warning(
-                "fold %d: small validation set (%d %s: %d positive, %d negative) for "
-                "train.monitor: %s; model selection on it is noisy: prefer train.monitor: last "
-                "(a fixed budget, the last epoch kept) or a larger splits.val_fraction",
-                d.fold,
-                len(d.val),
-                unit,
-                n_pos,
-                n_neg,
-                self.cfg.train.monitor,
             )
 
     @torch.no_grad()
@@ -1595,6 +1578,7 @@ class FoldTrainer:
         if not self.dist.is_main:
             return result
         result["seconds"] = time.perf_counter() - t0
+        result["device"] = str(self.device)
         result["train_seconds"] = float(sum(r.get("seconds", 0.0) for r in self.state.history))
         waits = [r.get("loader_wait_share", 0.0) for r in self.state.history]
         result["loader_wait_share"] = float(np.mean(waits)) if waits else 0.0

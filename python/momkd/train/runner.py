@@ -1,18 +1,24 @@
 """k-fold cross-validated training: ``momkd train`` and :func:`momkd.train`.
 
-:func:`train` resolves the run directory, saves the resolved ``config.yaml``, loads and validates
-the clinical table, the expression matrix and the store, makes (or reads) the patient-level splits,
+:func:`train` resolves the run directory, loads and validates the clinical table, the expression
+matrix and the store, makes (or reads) the patient-level splits, saves the resolved ``config.yaml``,
 fits the genomics preprocessing inside each fold on that fold's training patients only, trains every
 fold with :class:`~momkd.train.loop.FoldTrainer`, evaluates the external cohort with every fold's
 model and the fold ensemble, and writes ``summary.json`` and ``summary.txt``.
 
 Run directory::
 
-    config.yaml            resolved configuration (absolute paths)
+    config.yaml            resolved configuration (absolute paths; output.dir = this folder)
+    data.json              the inputs as read (counts, excluded labels, external cohort)
     splits/splits_<k>.csv  train/val/test slide ids per fold (CLAM convention)
     fold_<k>/              checkpoints, history, predictions, result.json (see momkd.train.loop)
     external_predictions.csv   fold-ensemble probabilities on the external cohort (if configured)
     summary.json, summary.txt
+    report.html, report/   written by the command line (momkd.report)
+
+Nothing is written before the inputs, the labels, the genomics settings and the splits are checked
+(:func:`check_trainable`, :func:`check_folds`), so a start that fails on its inputs leaves no
+folder behind.
 
 ``summary.json`` keys: ``method``, ``label_column``, ``folds`` (per-fold dicts with ``val``,
 ``test`` and, with an external cohort, ``external`` metric dicts), ``mean`` and ``std`` (test
@@ -47,6 +53,7 @@ from momkd.data.clinical import (
     Expression,
     load_clinical,
     load_expression,
+    require_both_classes,
     require_cases,
 )
 from momkd.errors import ConfigError, DataError
@@ -69,9 +76,12 @@ from momkd.train.splits import (
 )
 
 __all__ = [
+    "check_folds",
+    "check_trainable",
     "config_differences",
     "finished_folds",
     "format_summary",
+    "plan_splits",
     "read_prediction_table",
     "summarize",
     "train",
@@ -131,6 +141,15 @@ def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in _RUNTIME_KEYS and a.get(k) != b.get(k))
 
 
+def _has_trained(run_dir: Path) -> bool:
+    """Whether any fold of ``run_dir`` has started training (a checkpoint or a result)."""
+    return any(
+        p.parent.name.removeprefix("fold_").isdigit()
+        for pattern in ("fold_*/result.json", "fold_*/last.pt", "fold_*/best.pt")
+        for p in run_dir.glob(pattern)
+    )
+
+
 def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
     if out_dir is not None:
         run_dir = Path(out_dir)
@@ -140,19 +159,44 @@ def _resolve_run_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, res
         raise ConfigError("output.dir: no run directory (set output.dir or pass --out)")
     run_dir = run_dir.expanduser().absolute()
     saved = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: run directory path exists and is not a folder")
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    # A folder in which no fold has trained (a prepared run, or a start that failed after the
+    # folder was written) holds nothing that removing it would lose.
+    untrained = not fresh and not _has_trained(run_dir)
     if resume and fresh:
         log.info("%s: nothing to resume yet, starting a new run", run_dir)
     elif resume:
         if not saved.is_file():
-            raise ConfigError(f"{run_dir}: not a momkd run directory (no config.yaml) to resume")
+            raise ConfigError(
+                f"{run_dir}: not a momkd run directory (no config.yaml) to resume; choose another "
+                "--out"
+            )
         diff = config_differences(load_config(saved), cfg)
         if diff:
+            keys = f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}"
+            if untrained:
+                advice = (
+                    f"no fold has trained there yet, so remove the folder (rm -r {run_dir}) and "
+                    "start again, or choose another --out"
+                )
+            else:
+                advice = (
+                    f"resume with its own configuration (--config {saved}), or choose another "
+                    "--out for the changed one"
+                )
             raise ConfigError(
-                f"{saved}: the configuration differs from the run being resumed in "
-                f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}"
+                f"{saved}: the configuration differs from the run being resumed in {keys}; "
+                + advice
             )
     elif not fresh:
+        if untrained and saved.is_file():
+            raise ConfigError(
+                f"{run_dir}: run directory exists but no fold has trained there yet; pass "
+                f"--resume to start it with the same configuration, or remove the folder "
+                f"(rm -r {run_dir}) or choose another --out"
+            )
         raise ConfigError(
             f"{run_dir}: run directory exists and is not empty; pass --resume to continue it "
             "or choose another --out"
@@ -286,9 +330,12 @@ def _load_external(
     return store, list(table.slide_ids), table.label_of(), table.case_of(), report
 
 
-def run_splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool) -> list[Split]:
-    """The folds of a run, written to ``run_dir/splits``: the run's own files on resume, else the
-    user's ``splits.dir`` resolved against ``table``, else new seeded splits."""
+def plan_splits(
+    cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool
+) -> tuple[list[Split], bool]:
+    """The folds of a run, without writing them: the run's own files on resume, else the user's
+    ``splits.dir`` resolved against ``table``, else new seeded splits. The flag says whether they
+    still have to be written to ``run_dir/splits``."""
     split_dir = run_dir / "splits"
     ignore = list(table.dropped)
     if resume and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
@@ -304,12 +351,84 @@ def run_splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool
             seed=cfg.splits.seed,
             slide_ids=table.slide_ids,
         )
-        write_splits(splits, split_dir)
-        return splits
+        return splits, True
     splits = resolve_splits(raw, table.slide_ids, table.case_ids, ignore=ignore, source=source)
-    if source != split_dir:
-        write_splits(splits, split_dir)
+    return splits, source != split_dir
+
+
+def run_splits(cfg: RunConfig, run_dir: Path, table: ClinicalTable, resume: bool) -> list[Split]:
+    """The folds of a run (:func:`plan_splits`), written to ``run_dir/splits``."""
+    splits, write = plan_splits(cfg, run_dir, table, resume)
+    if write:
+        write_splits(splits, run_dir / "splits")
     return splits
+
+
+def check_trainable(cfg: RunConfig, table: ClinicalTable, expression: Expression | None) -> None:
+    """The checks of the labels and the genomics settings that would otherwise fail only inside a
+    fold, after the run directory was written (:func:`check_folds` follows for the splits).
+
+    Raises
+    ------
+    ConfigError
+        ``genomics.n_genes`` above the matrix's genes, a missing optional package.
+    DataError
+        One class only (naming label values that differ from the mapping only in case), genes of
+        ``genomics.gene_list`` not in the matrix.
+    """
+    require_both_classes(table, cfg.data.positive, cfg.data.negative)
+    if expression is not None:
+        preprocessor_from_config(cfg).check_genes(expression.gene_names, expression.path)
+
+
+def check_folds(cfg: RunConfig, table: ClinicalTable, splits: Sequence[Split]) -> list[int]:
+    """Check the configured folds against the splits; returns the folds to train.
+
+    Raises
+    ------
+    ConfigError
+        ``train.folds`` out of range.
+    DataError
+        A fold whose training slides have one class.
+    """
+    folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
+    bad = [f for f in folds if not 0 <= f < len(splits)]
+    if bad:
+        raise ConfigError(f"train.folds: {bad} out of range for {len(splits)} splits")
+    label_of = table.label_of()
+    for f in folds:
+        classes = {label_of[s] for s in splits[f].train if s in label_of}
+        if len(classes) < 2:
+            raise DataError(
+                f"splits: fold {f}'s training slides all have class {min(classes, default=0)}; "
+                "every fold needs both classes in training (check splits.dir or use more patients "
+                "of the smaller class)"
+            )
+    return folds
+
+
+def _start_run_dir(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    data_report: dict[str, Any],
+    splits: list[Split],
+    write: bool,
+) -> None:
+    """Write the run directory's configuration, data report and splits (inputs already checked).
+    The saved ``output.dir`` is the run directory itself, whatever ``--out`` said."""
+    import dataclasses
+
+    from momkd.train.loop import write_json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (resume and (run_dir / "config.yaml").is_file()):
+        # A resumed run keeps its file (it matched, up to run-time keys such as train.folds).
+        saved = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=run_dir))
+        save_config(saved, run_dir / "config.yaml")
+    write_json(run_dir / "data.json", data_report)
+    if write:
+        write_splits(splits, run_dir / "splits")
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -400,7 +519,7 @@ def _train(
     import torch
 
     from momkd import kernels
-    from momkd.train.loop import progress_enabled, write_json
+    from momkd.train.loop import progress_enabled
 
     t_start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -413,13 +532,14 @@ def _train(
     external = _load_external(cfg)
     if external is not None:
         data_report["external"] = external[4]
+    check_trainable(cfg, table, expression)
+    splits, write = dist.on_main(
+        lambda: plan_splits(cfg, run_dir, table, resume), "making the splits"
+    )
+    check_folds(cfg, table, splits)
     # The run directory is created only once the inputs are known to be valid (by rank 0 alone).
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (resume and (run_dir / "config.yaml").is_file()):
-            # A resumed run keeps its file (it matched, up to run-time keys such as train.folds).
-            save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "data.json", data_report)
+        _start_run_dir(cfg, run_dir, resume, data_report, splits, write)
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -435,6 +555,7 @@ def _train(
                 cfg,
                 run_dir,
                 resume,
+                splits,
                 store,
                 table,
                 expression,
@@ -466,19 +587,15 @@ def prepare_run(
     """Check the inputs and create the run directory (configuration, data report, splits) without
     training; returns the run directory and the configured folds not finished yet (fold-parallel
     runs and job arrays resume into it, one fold per process)."""
-    from momkd.train.loop import write_json
-
     run_dir = _resolve_run_dir(cfg, out_dir, resume)
-    _, table, _, data_report = _load_inputs(cfg)
+    _, table, expression, data_report = _load_inputs(cfg)
     external = _load_external(cfg)
     if external is not None:
         data_report["external"] = external[4]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (resume and (run_dir / "config.yaml").is_file()):
-        save_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "data.json", data_report)
-    splits = run_splits(cfg, run_dir, table, resume)
-    folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
+    check_trainable(cfg, table, expression)
+    splits, write = plan_splits(cfg, run_dir, table, resume)
+    folds = check_folds(cfg, table, splits)
+    _start_run_dir(cfg, run_dir, resume, data_report, splits, write)
     done = set(finished_folds(run_dir))
     return run_dir, [f for f in folds if f not in done]
 
@@ -566,12 +683,39 @@ def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if external is not None:
         data_report["external"] = external[4]
         external, _ = _external_units(cfg, external)
-    fold_s = [
-        float(read_json(run / f"fold_{f}" / "result.json").get("seconds", 0.0))
-        for f in finished_folds(run)
-    ]
-    timing = {"finished": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": sum(fold_s)}
-    return _write_summary(cfg, run, data_report, external, timing)
+    return _write_summary(cfg, run, data_report, external, _merged_timing(run))
+
+
+def _merged_timing(run: Path) -> dict[str, Any]:
+    """The ``timing`` block of a summary merged by :func:`summarize`: the existing summary's own
+    when it already holds exactly the finished folds (nothing new to merge), else the sum of the
+    folds' times on the device(s) their ``result.json`` names."""
+    from momkd.train.loop import read_json
+
+    folds = finished_folds(run)
+    previous: dict[str, Any] = {}
+    if (run / "summary.json").is_file():
+        try:
+            previous = read_json(run / "summary.json")
+        except (OSError, ValueError):
+            previous = {}
+    raw = previous.get("timing")
+    old: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    merged = [r.get("fold") for r in previous.get("folds") or [] if isinstance(r, dict)]
+    if old and merged == folds:
+        return {k: v for k, v in old.items() if k != "fold_seconds"}
+    results = [read_json(run / f"fold_{f}" / "result.json") for f in folds]
+    devices = sorted({str(r["device"]) for r in results if r.get("device")})
+    if not devices and old.get("device"):
+        devices = [str(old["device"])]
+    timing: dict[str, Any] = {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": float(sum(float(r.get("seconds", 0.0)) for r in results)),
+        "seconds_basis": "sum of the folds' times",
+    }
+    if devices:
+        timing["device"] = ", ".join(devices)
+    return timing
 
 
 def _external_units(cfg: RunConfig, external: Any) -> tuple[Any, dict[str, list[str]] | None]:
@@ -592,6 +736,7 @@ def _run_folds(
     cfg: RunConfig,
     run_dir: Path,
     resume: bool,
+    splits: list[Split],
     store: Any,
     table: ClinicalTable,
     expression: Expression | None,
@@ -603,24 +748,27 @@ def _run_folds(
 ) -> dict[str, Any]:
     from momkd.train.loop import FoldData, FoldTrainer, uses_expression
 
-    splits = dist.on_main(lambda: run_splits(cfg, run_dir, table, resume), "making the splits")
     folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
-    bad = [f for f in folds if not 0 <= f < len(splits)]
-    if bad:
-        raise ConfigError(f"train.folds: {bad} out of range for {len(splits)} splits")
-
     label_of = table.label_of()
     case_of = table.case_of()
     members: dict[str, list[str]] | None = None
     external, ext_members = _external_units(cfg, external)
     if cfg.data.bag == "patient":
         members, unit_labels = patient_units(table.slide_ids, label_of, case_of, str(table.path))
-    for fold in folds:
+    todo = [
+        f
+        for f in folds
+        if not (
+            resume
+            and dist.on_main((run_dir / f"fold_{f}" / "result.json").is_file, "looking for results")
+        )
+    ]
+    for fold in sorted(set(folds) - set(todo)):
+        log.info("fold %d: already finished, skipped", fold)
+    if dist.is_main:
+        _warn_small_validation(cfg, [splits[f] for f in todo], todo, label_of, case_of)
+    for fold in todo:
         fold_dir = run_dir / f"fold_{fold}"
-        done = fold_dir / "result.json"
-        if resume and dist.on_main(done.is_file, "looking for result.json"):
-            log.info("fold %d: already finished, skipped", fold)
-            continue
         split = splits[fold]
         if cfg.splits.train_fraction < 1.0:
             full = len(split.train)
@@ -669,6 +817,59 @@ def _run_folds(
         trainer.run(resume=resume)
     # The summary merges every finished fold of the run directory (see _write_summary).
     return {"external": external}
+
+
+def _warn_small_validation(
+    cfg: RunConfig,
+    splits: Sequence[Split],
+    folds: Sequence[int],
+    label_of: Mapping[str, int],
+    case_of: Mapping[str, str],
+) -> None:
+    """One warning for the run when validation sets are too small for the configured model
+    selection (fewer than 20 bags or fewer than 5 of a class), listing the folds; under the
+    released protocol (``init-config --preset official``) it says that the choice is deliberate."""
+    if cfg.train.monitor == "last":
+        return  # the validation set selects nothing; it only feeds the history
+    patient = cfg.data.bag == "patient"
+    unit = "patients" if patient else "slides"
+    small = []
+    for fold, split in zip(folds, splits, strict=True):
+        if not split.val:
+            continue
+        if patient:
+            labels = {case_of[s]: label_of[s] for s in split.val}
+            values = list(labels.values())
+        else:
+            values = [label_of[s] for s in split.val]
+        n_pos = int(sum(values))
+        n_neg = len(values) - n_pos
+        if len(values) < 20 or min(n_pos, n_neg) < 5:
+            small.append(f"fold {fold}: {len(values)} {unit}, {n_pos} positive, {n_neg} negative")
+    if not small:
+        return
+    from momkd.config import selects_as_released
+
+    sizes = "; ".join(small)
+    monitor = cfg.train.monitor
+    if selects_as_released(cfg):
+        log.warning(
+            "small validation sets for train.monitor: %s (%s): kept on purpose, as the released "
+            "protocol (init-config --preset official) selects and stops on the validation AUC; "
+            "selection on so few %s is noisy, so outside parity runs prefer the default "
+            "train.monitor: last or a larger splits.val_fraction",
+            monitor,
+            sizes,
+            unit,
+        )
+    else:
+        log.warning(
+            "small validation sets for train.monitor: %s (%s); model selection on them is noisy: "
+            "prefer train.monitor: last (a fixed budget, the last epoch kept) or a larger "
+            "splits.val_fraction",
+            monitor,
+            sizes,
+        )
 
 
 def _units(slides: Sequence[str], case_of: Mapping[str, str]) -> list[str]:
@@ -986,7 +1187,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{c:>{w}}" for c, w in zip(METRIC_COLUMNS, widths, strict=True)
     )
     lines.append("")
-    lines.append("test metrics per fold (thr_*: at the F1 threshold chosen on validation)")
+    lines.append("test metrics per fold:")
+    lines.append(
+        "  epochs: epochs trained; best: the epoch kept by train.monitor (counted from 0); "
+        "val_auc: its validation AUC"
+    )
+    lines.append(
+        "  thr: the threshold that maximises F1 on the validation slides; auc to f1: at argmax "
+        "(probability > 0.5); thr_*: at thr"
+    )
     lines.append(head)
     for r in summary.get("folds", []):
         test = r.get("test", {})
@@ -1047,6 +1256,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             )
     timing = summary.get("timing") or {}
     if timing:
+        text = f"time: {_fmt(timing.get('seconds'), 1)} s"
+        if timing.get("seconds_basis"):
+            text += f" ({timing['seconds_basis']})"
+        if timing.get("device"):
+            text += f" on {timing['device']}"
         lines.append("")
-        lines.append(f"time: {_fmt(timing.get('seconds'), 1)} s on {timing.get('device', '?')}")
+        lines.append(text)
     return "\n".join(lines)
