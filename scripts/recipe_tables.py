@@ -18,6 +18,16 @@ from collections import defaultdict
 from pathlib import Path
 
 METHOD_ORDER = ("meanpool", "abmil", "momkd", "momkd_histo")
+#: What each knob of the ``knobs`` plan changes (scripts/recipe_study.py, KNOBS).
+KNOB_TEXT = {
+    "base": "the recipe: `loss.align_omics` 0.05, gradient memory, K 4, margin 0.3",
+    "align_omics0.2": "`loss.align_omics` 0.2",
+    "align_omics0.5": "`loss.align_omics` 0.5 and `loss.mse` 0.2",
+    "momentum": "`memory.update: momentum` (both models)",
+    "memory_k8": "`model.memory_k: 8` (both models)",
+    "margin0.1": "`loss.align_margin` 0.1 (both models)",
+    "margin0.5": "`loss.align_margin` 0.5 (both models)",
+}
 TARGET = -0.01
 
 
@@ -72,7 +82,13 @@ def cohort_table(rows: list[dict[str, str]], plan: str, recipe: str | None = Non
     if not sel:
         return ""
     by: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
-    for r in sel:
+    kinds = ("demo", "default", "mil")
+
+    def order(r: dict[str, str]) -> tuple[int, str]:
+        kind = r["cohort"].split("-")[0]
+        return (kinds.index(kind) if kind in kinds else len(kinds), r["cohort"])
+
+    for r in sorted(sel, key=order):
         by[r["cohort"]][_deep(r["method"])] = r
     lines = [
         "| cohort | meanpool | ABMIL | MoMKD | ABMIL − meanpool | MoMKD − meanpool |",
@@ -105,13 +121,16 @@ def cohort_table(rows: list[dict[str, str]], plan: str, recipe: str | None = Non
             + " | ".join(diffs)
             + " |"
         )
-    means = {}
-    for m in ("meanpool", "abmil", "momkd"):
-        vs = [_f(ms[m]["auc_mean"]) for ms in by.values() if m in ms]
-        means[m] = sum(vs) / len(vs) if vs else math.nan
+    # Means over the cohorts where all three methods ran, so that the columns compare alike.
+    full = [ms for ms in by.values() if all(m in ms for m in ("meanpool", "abmil", "momkd"))]
+    means = {
+        m: sum(_f(ms[m]["auc_mean"]) for ms in full) / len(full) if full else math.nan
+        for m in ("meanpool", "abmil", "momkd")
+    }
     lines.append(
-        f"| **mean of {n} cohorts** | **{means['meanpool']:.3f}** | **{means['abmil']:.3f}** | "
-        f"**{means['momkd']:.3f}** | misses: {misses['abmil']} | misses: {misses['momkd']} |"
+        f"| **mean of the {len(full)} cohorts with all three** | **{means['meanpool']:.3f}** | "
+        f"**{means['abmil']:.3f}** | **{means['momkd']:.3f}** | misses: {misses['abmil']} of "
+        f"{n} | misses: {misses['momkd']} of {len(full)} |"
     )
     return "\n".join(lines)
 
@@ -170,7 +189,8 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
                 auc = block["pooled_auc"]  # type: ignore[index]
                 d = _pair(block, "momkd", "momkd_histo")
                 parts.append(
-                    f"| {co} | {name} | {_f(auc['momkd']['value']):.3f} | "  # type: ignore[index]
+                    f"| {co} | {KNOB_TEXT.get(name, name)} | "
+                    f"{_f(auc['momkd']['value']):.3f} | "  # type: ignore[index]
                     f"{_f(auc['momkd_histo']['value']):.3f} | {_diff(d) if d else '—'} |"  # type: ignore[index]
                 )
         parts.append("")

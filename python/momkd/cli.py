@@ -479,7 +479,7 @@ def build_parser() -> _Parser:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/explain)")
     p.set_defaults(func=_cmd_explain)
 
-    p = sub.add_parser("demo", help="synthesise a cohort, train MoMKD and ABMIL, compare")
+    p = sub.add_parser("demo", help="synthesise a cohort, train meanpool, ABMIL and MoMKD, compare")
     p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
     p.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
     p.set_defaults(func=_cmd_demo)
