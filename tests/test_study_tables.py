@@ -41,6 +41,8 @@ def test_cohort_table_margins_and_misses(tables, tmp_path: Path) -> None:
         _row("final", "b", "meanpool", 0.600),
         _row("final", "b", "abmil", 0.580),  # -0.020: a miss
         _row("final", "b", "momkd_histo", 0.640),  # +0.040, shown as MoMKD (histo)
+        _row("final", "d", "meanpool", 0.900),  # no MoMKD run: left out of the means
+        _row("final", "d", "abmil", 0.800),  # -0.100: a miss
         _row("confirm", "c", "meanpool", 0.5),
     ]
     path = tmp_path / "r.csv"
@@ -54,9 +56,11 @@ def test_cohort_table_margins_and_misses(tables, tmp_path: Path) -> None:
     assert lines[3] == (
         "| b | 0.600 ± 0.020 | 0.580 ± 0.020 | 0.640 ± 0.020 (histo) | -0.020 ✗ | +0.040 |"
     )
-    # Means over the two cohorts, computed by hand; one miss each.
-    assert lines[4] == (
-        "| **mean of 2 cohorts** | **0.650** | **0.637** | **0.645** | misses: 1 | misses: 1 |"
+    assert lines[4] == "| d | 0.900 ± 0.020 | 0.800 ± 0.020 | — | -0.100 ✗ | — |"
+    # Means over the two cohorts with all three methods, computed by hand.
+    assert lines[5] == (
+        "| **mean of the 2 cohorts with all three** | **0.650** | **0.637** | **0.645** | "
+        "misses: 2 of 3 | misses: 1 of 2 |"
     )
     assert "| c |" not in table
 
