@@ -67,7 +67,7 @@ SYNTH_SIZES = {
 MIL = ("birds_brown_creeper", "corel_dogs", "protein", "web_recommendation_1")
 STUDY_SEEDS = (0, 1, 2)
 #: Every plan in the order ``all`` runs them.
-PLANS = ("screen", "final", "released", "confirm", "curve", "knobs")
+PLANS = ("screen", "final", "released", "confirm", "curve", "knobs", "momentum")
 CONFIRM_SEEDS = (10, 11)
 
 WIDTHS = {
@@ -183,6 +183,12 @@ KNOBS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "memory_k8": ({"model.memory_k": 8}, ("momkd", "momkd_histo")),
     "margin0.5": ({"loss.align_margin": 0.5}, ("momkd", "momkd_histo")),
 }
+
+#: The momentum memory (``momentum`` plan), the one knob that moved MoMKD - ablation on
+#: demo-s0-her2, checked on fresh-seed cohorts that played no part in choosing it: MoMKD and the
+#: ablation with ``memory.update: momentum``, against the confirm plan's runs on the same splits.
+MOMENTUM_COHORTS = ("demo-s10-her2", "demo-s11-pr", "demo-s11-odx")
+MOMENTUM = {"memory.update": "momentum"}
 
 FIELDS = [
     "plan",
@@ -410,6 +416,11 @@ def plan_jobs(plan: str, chosen: dict[str, object]) -> list[Job]:
                         continue  # the final plan's runs
                     jobs.append(Job(plan, co, m, f"chosen-f{frac}", tuple(settings.items())))
         return jobs
+    if plan == "momentum":
+        for co in MOMENTUM_COHORTS:
+            for m in ("momkd", "momkd_histo"):
+                jobs.append(Job(plan, co, m, "momentum", tuple({**chosen, **MOMENTUM}.items())))
+        return jobs
     if plan == "knobs":
         for co in KNOB_COHORTS:
             for name, (knob, methods) in KNOBS.items():
@@ -520,7 +531,7 @@ def paired_summaries(work: Path) -> dict[str, object]:
             "paired": res["paired"],
         }
 
-    result: dict[str, object] = {"curve": {}, "knobs": {}}
+    result: dict[str, object] = {"curve": {}, "knobs": {}, "momentum": {}}
     for co in CURVE_COHORTS:
         per: dict[str, object] = {}
         for frac in CURVE_FRACTIONS:
@@ -555,6 +566,14 @@ def paired_summaries(work: Path) -> dict[str, object]:
             runs = {"momkd": momkd, "momkd_histo": histo}
             per[name] = compare(runs, work / "compare" / "knobs" / co / name)
         result["knobs"][co] = per  # type: ignore[index]
+    for co in MOMENTUM_COHORTS:
+        runs = {
+            "momkd_momentum": _run_dir(work, "momentum", co, "momentum", "momkd"),
+            "momkd_histo_momentum": _run_dir(work, "momentum", co, "momentum", "momkd_histo"),
+            "momkd": _run_dir(work, "confirm", co, "chosen", "momkd"),
+            "meanpool": _run_dir(work, "confirm", co, "chosen", "meanpool"),
+        }
+        result["momentum"][co] = compare(runs, work / "compare" / "momentum" / co)  # type: ignore[index]
     PAIRED.parent.mkdir(parents=True, exist_ok=True)
     PAIRED.write_text(json.dumps(result, indent=1, default=float))
     return result

@@ -194,6 +194,31 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
                     f"{_f(auc['momkd_histo']['value']):.3f} | {_diff(d) if d else '—'} |"  # type: ignore[index]
                 )
         parts.append("")
+    momentum = {co: b for co, b in (paired.get("momentum") or {}).items() if b}
+    if momentum:
+        parts += [
+            "## The momentum memory on fresh seeds (pooled test AUC, paired differences)",
+            "",
+            "| cohort | MoMKD, momentum | ablation, momentum | MoMKD (recipe) | meanpool | "
+            "momentum: MoMKD − ablation | MoMKD momentum − recipe | MoMKD momentum − meanpool |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for co, block in momentum.items():
+            auc = block["pooled_auc"]  # type: ignore[index]
+
+            def v(m: str) -> str:
+                x = auc.get(m)  # type: ignore[union-attr]
+                return "—" if x is None else f"{_f(x['value']):.3f}"
+
+            cells = []
+            for b in ("momkd_histo_momentum", "momkd", "meanpool"):
+                d = _pair(block, "momkd_momentum", b)
+                cells.append(_diff(d) if d else "—")
+            parts.append(
+                f"| {co} | {v('momkd_momentum')} | {v('momkd_histo_momentum')} | {v('momkd')} | "
+                f"{v('meanpool')} | " + " | ".join(cells) + " |"
+            )
+        parts.append("")
     return parts
 
 
