@@ -536,7 +536,7 @@ def _train(
     splits, write = dist.on_main(
         lambda: plan_splits(cfg, run_dir, table, resume), "making the splits"
     )
-    check_folds(cfg, table, splits)
+    folds = check_folds(cfg, table, splits)
     # The run directory is created only once the inputs are known to be valid (by rank 0 alone).
     if dist.is_main:
         _start_run_dir(cfg, run_dir, resume, data_report, splits, write)
@@ -556,6 +556,7 @@ def _train(
                 run_dir,
                 resume,
                 splits,
+                folds,
                 store,
                 table,
                 expression,
@@ -737,6 +738,7 @@ def _run_folds(
     run_dir: Path,
     resume: bool,
     splits: list[Split],
+    folds: list[int],
     store: Any,
     table: ClinicalTable,
     expression: Expression | None,
@@ -746,9 +748,10 @@ def _run_folds(
     show: bool,
     dist: Any,
 ) -> dict[str, Any]:
+    """Train ``folds`` (checked by :func:`check_folds`) of ``splits``, skipping finished ones on
+    resume."""
     from momkd.train.loop import FoldData, FoldTrainer, uses_expression
 
-    folds = list(cfg.train.folds) if cfg.train.folds is not None else list(range(len(splits)))
     label_of = table.label_of()
     case_of = table.case_of()
     members: dict[str, list[str]] | None = None
@@ -850,26 +853,23 @@ def _warn_small_validation(
         return
     from momkd.config import selects_as_released
 
-    sizes = "; ".join(small)
-    monitor = cfg.train.monitor
     if selects_as_released(cfg):
-        log.warning(
-            "small validation sets for train.monitor: %s (%s): kept on purpose, as the released "
-            "protocol (init-config --preset official) selects and stops on the validation AUC; "
-            "selection on so few %s is noisy, so outside parity runs prefer the default "
-            "train.monitor: last or a larger splits.val_fraction",
-            monitor,
-            sizes,
-            unit,
+        advice = (
+            ": kept on purpose, as the released protocol (init-config --preset official) selects "
+            f"and stops on the validation AUC; selection on so few {unit} is noisy, so outside "
+            "parity runs prefer the default train.monitor: last or a larger splits.val_fraction"
         )
     else:
-        log.warning(
-            "small validation sets for train.monitor: %s (%s); model selection on them is noisy: "
-            "prefer train.monitor: last (a fixed budget, the last epoch kept) or a larger "
-            "splits.val_fraction",
-            monitor,
-            sizes,
+        advice = (
+            "; model selection on them is noisy: prefer train.monitor: last (a fixed budget, the last "
+            "epoch kept) or a larger splits.val_fraction"
         )
+    log.warning(
+        "small validation sets for train.monitor: %s (%s)%s",
+        cfg.train.monitor,
+        "; ".join(small),
+        advice,
+    )
 
 
 def _units(slides: Sequence[str], case_of: Mapping[str, str]) -> list[str]:
