@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from csvfiles import read_rows, write_rows
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -61,21 +61,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
-
-
-def _write(path: Path, rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return path
-
-
 def test_missing_expression_is_exit_2_naming_the_patient(cohort: Path, tmp_path: Path) -> None:
-    rows = _rows(cohort / "expression.csv")
+    rows = read_rows(cohort / "expression.csv")
     dropped = rows[3][0]
-    expr = _write(tmp_path / "expression.csv", [r for r in rows if r[0] != dropped])
+    expr = write_rows(tmp_path / "expression.csv", [r for r in rows if r[0] != dropped])
     cfg = _config(tmp_path, cohort / "cohort.zarr", cohort / "clinical.csv", expr)
     res = _cli("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     _assert_one_line_error(res, dropped, "expression.csv")
@@ -85,20 +74,20 @@ def test_missing_expression_is_exit_2_naming_the_patient(cohort: Path, tmp_path:
 def test_slide_missing_from_store_is_exit_2_naming_slide_and_store(
     cohort: Path, tmp_path: Path
 ) -> None:
-    rows = _rows(cohort / "clinical.csv")
+    rows = read_rows(cohort / "clinical.csv")
     header = rows[0]
     extra = dict(zip(header, rows[1], strict=True))
     extra["slide_id"] = "NOT-IN-STORE-DX1"
     extra["pr"] = "Positive"
-    clin = _write(tmp_path / "clinical.csv", rows + [[extra[h] for h in header]])
+    clin = write_rows(tmp_path / "clinical.csv", rows + [[extra[h] for h in header]])
     cfg = _config(tmp_path, cohort / "cohort.zarr", clin, cohort / "expression.csv")
     res = _cli("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     _assert_one_line_error(res, "NOT-IN-STORE-DX1", "cohort.zarr")
 
 
 def test_duplicate_slide_ids_are_exit_2(cohort: Path, tmp_path: Path) -> None:
-    rows = _rows(cohort / "clinical.csv")
-    clin = _write(tmp_path / "clinical.csv", rows + [rows[2]])
+    rows = read_rows(cohort / "clinical.csv")
+    clin = write_rows(tmp_path / "clinical.csv", rows + [rows[2]])
     cfg = _config(tmp_path, cohort / "cohort.zarr", clin, cohort / "expression.csv")
     res = _cli("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     _assert_one_line_error(res, "duplicate", rows[2][1], "clinical.csv")
@@ -182,7 +171,7 @@ def test_train_eval_predict_and_run_directory_guards(cohort: Path, tmp_path: Pat
         str(tmp_path / "p.csv"),
     )
     assert res.returncode == 0, res.stderr
-    assert len(_rows(tmp_path / "p.csv")) - 1 == len(_rows(cohort / "clinical.csv")) - 1
+    assert len(read_rows(tmp_path / "p.csv")) - 1 == len(read_rows(cohort / "clinical.csv")) - 1
 
     res = _cli(
         "predict",

@@ -4,7 +4,6 @@ says what to do; the saved configuration names the folder it is in."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from csvfiles import read_rows, write_rows
 from momkd.config import RunConfig, load_config, preset_yaml, selects_as_released
 from momkd.errors import ConfigError, DataError
 from momkd.train.runner import prepare_run, train
@@ -46,17 +46,6 @@ def _cfg(cohort: Path, *overrides: str, clinical: Path | None = None) -> RunConf
     return load_config(None, [*base, *overrides])
 
 
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
-
-
-def _write(path: Path, rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return path
-
-
 def test_too_many_genes_fails_before_the_run_folder(cohort: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     for start in (train, prepare_run):
@@ -77,7 +66,7 @@ def test_gene_list_and_folds_fail_before_the_run_folder(cohort: Path, tmp_path: 
             _cfg(cohort, "genomics.selection=list", f"genomics.gene_list={genes}"), run, False
         )
     # User splits whose fold 1 trains on negatives only.
-    rows = _rows(cohort / "clinical.csv")
+    rows = read_rows(cohort / "clinical.csv")
     col = rows[0].index("pr")
     label = {r[0]: r[col] for r in rows[1:] if r[col] in ("Positive", "Negative")}
     pos = [c for c, v in label.items() if v == "Positive"]
@@ -99,13 +88,13 @@ def test_gene_list_and_folds_fail_before_the_run_folder(cohort: Path, tmp_path: 
 
 def _lower_case(cohort: Path, tmp_path: Path) -> tuple[Path, int]:
     """The clinical table with every positive pr value written in lower case."""
-    rows = _rows(cohort / "clinical.csv")
+    rows = read_rows(cohort / "clinical.csv")
     col = rows[0].index("pr")
     n = 0
     for r in rows[1:]:
         if r[col] == "Positive":
             r[col], n = "positive", n + 1
-    return _write(tmp_path / "clinical.csv", rows), n
+    return write_rows(tmp_path / "clinical.csv", rows), n
 
 
 def test_lower_case_labels_fail_early_in_one_line(cohort: Path, tmp_path: Path) -> None:
@@ -124,10 +113,10 @@ def test_lower_case_labels_fail_early_in_one_line(cohort: Path, tmp_path: Path) 
 
 
 def test_transposed_expression_points_to_the_orientation(cohort: Path, tmp_path: Path) -> None:
-    rows = _rows(cohort / "expression.csv")
+    rows = read_rows(cohort / "expression.csv")
     transposed = [list(col) for col in zip(*rows, strict=True)]
     transposed[0][0] = "gene"
-    expr = _write(tmp_path / "expression_t.csv", transposed)
+    expr = write_rows(tmp_path / "expression_t.csv", transposed)
     run = tmp_path / "run"
     for skip in ("false", "true"):  # skipping patients is not the fix, so it is not suggested
         with pytest.raises(DataError) as exc:
