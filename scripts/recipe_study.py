@@ -172,6 +172,15 @@ CURVE_COHORTS = ("demo-s0-her2", "default-s0-pr")
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 CURVE_METHODS = ("momkd", "momkd_histo", "abmil", "meanpool")
 
+
+def curve_source(frac: float, method: str) -> tuple[str, str]:
+    """The (plan, recipe) whose run is a learning-curve point: the final plan's runs serve the
+    full training share, except for the ablation, which the final plan does not train."""
+    if frac == 1.0 and method != "momkd_histo":
+        return "final", "chosen"
+    return "curve", f"chosen-f{frac}"
+
+
 #: MoMKD's own knobs (``knobs`` plan), each tried on MoMKD and, where it concerns the memory, on
 #: the ablation too, so that the paired MoMKD - ablation difference can be read per setting.
 KNOB_COHORTS = ("demo-s0-her2",)  # a learning-curve cohort: its full-share ablation is the base
@@ -412,9 +421,8 @@ def plan_jobs(plan: str, chosen: dict[str, object]) -> list[Job]:
             for frac in CURVE_FRACTIONS:
                 settings = {**chosen, "splits.train_fraction": frac}
                 for m in CURVE_METHODS:
-                    if frac == 1.0 and m != "momkd_histo":
-                        continue  # the final plan's runs
-                    jobs.append(Job(plan, co, m, f"chosen-f{frac}", tuple(settings.items())))
+                    if curve_source(frac, m)[0] == plan:
+                        jobs.append(Job(plan, co, m, f"chosen-f{frac}", tuple(settings.items())))
         return jobs
     if plan == "momentum":
         for co in MOMENTUM_COHORTS:
@@ -516,9 +524,10 @@ def _run_dir(work: Path, plan: str, cohort_name: str, recipe: str, method: str) 
 
 
 def paired_summaries(work: Path) -> dict[str, object]:
-    """Paired comparisons (momkd.compare) of the ``curve`` and ``knobs`` runs: per cohort and
-    training share, and per cohort and knob, MoMKD against its genomics-free ablation (and the
-    curve's baselines), on the same pooled test slides. Written to ``docs/study/paired.json``."""
+    """Paired comparisons (momkd.compare) of the ``curve``, ``knobs`` and ``momentum`` runs: per
+    cohort and training share, per cohort and knob, and per fresh-seed cohort with the momentum
+    memory, MoMKD against its genomics-free ablation (and baselines), on the same pooled test
+    slides. Written to ``docs/study/paired.json``."""
     from momkd.compare import summarise_runs
 
     def compare(runs: dict[str, Path], out: Path) -> dict[str, object]:
@@ -537,14 +546,7 @@ def paired_summaries(work: Path) -> dict[str, object]:
         for frac in CURVE_FRACTIONS:
             runs = {}
             for m in CURVE_METHODS:
-                plan, recipe = (
-                    ("final", "chosen")
-                    if frac == 1.0 and m != "momkd_histo"
-                    else (
-                        "curve",
-                        f"chosen-f{frac}",
-                    )
-                )
+                plan, recipe = curve_source(frac, m)
                 runs[m] = _run_dir(work, plan, co, recipe, m)
             per[str(frac)] = compare(runs, work / "compare" / "curve" / co / f"f{frac}")
         result["curve"][co] = per  # type: ignore[index]
@@ -589,9 +591,7 @@ def load_chosen() -> dict[str, object]:
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("step", choices=["run", "paired", "table", "all"])
-    ap.add_argument(
-        "--plan", default="screen", help="screen, final, released, confirm, curve or knobs"
-    )
+    ap.add_argument("--plan", default="screen", help=", ".join(PLANS))
     ap.add_argument("--work", type=Path, default=REPO / "study_work")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated recipes, cohorts or methods")

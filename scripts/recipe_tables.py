@@ -25,7 +25,6 @@ KNOB_TEXT = {
     "align_omics0.5": "`loss.align_omics` 0.5 and `loss.mse` 0.2",
     "momentum": "`memory.update: momentum` (both models)",
     "memory_k8": "`model.memory_k: 8` (both models)",
-    "margin0.1": "`loss.align_margin` 0.1 (both models)",
     "margin0.5": "`loss.align_margin` 0.5 (both models)",
 }
 TARGET = -0.01
@@ -147,6 +146,12 @@ def _pair(block: dict[str, object], a: str, b: str) -> dict[str, object] | None:
     return None
 
 
+def _auc(block: dict[str, object], method: str) -> str:
+    """The pooled test AUC of ``method`` in a comparison block, or a dash."""
+    v = block["pooled_auc"].get(method)  # type: ignore[attr-defined]
+    return "—" if v is None else f"{_f(v['value']):.3f}"
+
+
 def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) -> list[str]:
     parts: list[str] = []
     curve = paired.get("curve") or {}
@@ -161,17 +166,12 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
             for frac, block in per.items():
                 if not block:
                     continue
-                auc = block["pooled_auc"]  # type: ignore[index]
-
-                def a(m: str) -> str:
-                    v = auc.get(m)  # type: ignore[union-attr]
-                    return "—" if v is None else f"{_f(v['value']):.3f}"
-
                 d1 = _pair(block, "momkd", "momkd_histo")
                 d2 = _pair(block, "momkd", "meanpool")
+                aucs = [_auc(block, m) for m in ("momkd", "momkd_histo", "abmil", "meanpool")]
                 parts.append(
-                    f"| {co} | {frac} | {a('momkd')} | {a('momkd_histo')} | {a('abmil')} | "
-                    f"{a('meanpool')} | {_diff(d1) if d1 else '—'} | {_diff(d2) if d2 else '—'} |"
+                    f"| {co} | {frac} | " + " | ".join(aucs) + " | "
+                    f"{_diff(d1) if d1 else '—'} | {_diff(d2) if d2 else '—'} |"
                 )
         parts.append("")
     knobs = paired.get("knobs") or {}
@@ -186,12 +186,10 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
             for name, block in per.items():
                 if not block:
                     continue
-                auc = block["pooled_auc"]  # type: ignore[index]
                 d = _pair(block, "momkd", "momkd_histo")
                 parts.append(
-                    f"| {co} | {KNOB_TEXT.get(name, name)} | "
-                    f"{_f(auc['momkd']['value']):.3f} | "  # type: ignore[index]
-                    f"{_f(auc['momkd_histo']['value']):.3f} | {_diff(d) if d else '—'} |"  # type: ignore[index]
+                    f"| {co} | {KNOB_TEXT.get(name, name)} | {_auc(block, 'momkd')} | "
+                    f"{_auc(block, 'momkd_histo')} | {_diff(d) if d else '—'} |"
                 )
         parts.append("")
     momentum = {co: b for co, b in (paired.get("momentum") or {}).items() if b}
@@ -204,20 +202,13 @@ def paired_tables(paired: dict[str, dict[str, dict[str, dict[str, object]]]]) ->
             "|---|---|---|---|---|---|---|---|",
         ]
         for co, block in momentum.items():
-            auc = block["pooled_auc"]  # type: ignore[index]
-
-            def v(m: str) -> str:
-                x = auc.get(m)  # type: ignore[union-attr]
-                return "—" if x is None else f"{_f(x['value']):.3f}"
-
             cells = []
             for b in ("momkd_histo_momentum", "momkd", "meanpool"):
                 d = _pair(block, "momkd_momentum", b)
                 cells.append(_diff(d) if d else "—")
-            parts.append(
-                f"| {co} | {v('momkd_momentum')} | {v('momkd_histo_momentum')} | {v('momkd')} | "
-                f"{v('meanpool')} | " + " | ".join(cells) + " |"
-            )
+            runs = ("momkd_momentum", "momkd_histo_momentum", "momkd", "meanpool")
+            aucs = [_auc(block, m) for m in runs]
+            parts.append(f"| {co} | " + " | ".join(aucs + cells) + " |")
         parts.append("")
     return parts
 
