@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -616,10 +616,11 @@ def _write_summary(
     run_dir: Path,
     data_report: dict[str, Any],
     external: Any,
-    timing: dict[str, Any],
+    timing: dict[str, Any] | Callable[[list[int], list[dict[str, Any]]], dict[str, Any]],
 ) -> dict[str, Any]:
     """Merge every finished fold of ``run_dir`` into ``summary.json``, ``summary.txt`` and the
-    external fold-ensemble CSV.
+    external fold-ensemble CSV. ``timing`` is the summary's ``timing`` block, or a function of the
+    merged folds and their results that makes it (under the lock, from the same folds).
 
     Fold processes of one run (``--fold-parallel``, a job array) may finish at the same time: the
     merge runs under an exclusive lock on ``RUN_DIR/.summary.lock``, so the last one to finish sees
@@ -634,7 +635,7 @@ def _write_summary(
         folds = finished_folds(run_dir)
         results = [read_json(run_dir / f"fold_{f}" / "result.json") for f in folds]
         summary = _summarise(cfg, run_dir, results, data_report, external, folds)
-        summary["timing"] = dict(timing)
+        summary["timing"] = dict(timing(folds, results) if callable(timing) else timing)
         summary["timing"]["fold_seconds"] = [float(r.get("seconds", 0.0)) for r in results]
         if external is not None and "ensemble_rows" in summary:
             write_csv(
@@ -684,16 +685,17 @@ def summarize(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if external is not None:
         data_report["external"] = external[4]
         external, _ = _external_units(cfg, external)
-    return _write_summary(cfg, run, data_report, external, _merged_timing(run))
+    return _write_summary(
+        cfg, run, data_report, external, lambda folds, results: _merged_timing(run, folds, results)
+    )
 
 
-def _merged_timing(run: Path) -> dict[str, Any]:
-    """The ``timing`` block of a summary merged by :func:`summarize`: the existing summary's own
-    when it already holds exactly the finished folds (nothing new to merge), else the sum of the
-    folds' times on the device(s) their ``result.json`` names."""
+def _merged_timing(run: Path, folds: list[int], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``timing`` block of a summary merged by :func:`summarize` from ``folds`` and their
+    ``result.json`` contents: the existing summary's own when it already holds exactly these
+    folds (nothing new to merge), else the sum of the folds' times on the device(s) they name."""
     from momkd.train.loop import read_json
 
-    folds = finished_folds(run)
     previous: dict[str, Any] = {}
     if (run / "summary.json").is_file():
         try:
@@ -705,7 +707,6 @@ def _merged_timing(run: Path) -> dict[str, Any]:
     merged = [r.get("fold") for r in previous.get("folds") or [] if isinstance(r, dict)]
     if old and merged == folds:
         return {k: v for k, v in old.items() if k != "fold_seconds"}
-    results = [read_json(run / f"fold_{f}" / "result.json") for f in folds]
     devices = sorted({str(r["device"]) for r in results if r.get("device")})
     if not devices and old.get("device"):
         devices = [str(old["device"])]
