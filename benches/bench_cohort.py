@@ -136,7 +136,7 @@ def _abmil_epochs(path: Path, cache_kind: str, epochs: int) -> list[dict[str, fl
     from momkd.config import load_config
     from momkd.data import BagLoader, CohortStore
     from momkd.data.cache import shared_cache
-    from momkd.train.loop import build_model, model_spec_for
+    from momkd.train.factory import build_model, model_spec_for
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -51,11 +51,11 @@ def main() -> int:
         atexit.register(lambda: (side / f"writes_rank{rank}.json").write_text(json.dumps(writes)))
 
     import torch
-    from momkd.train import loop
+    from momkd.train import trainer as fold_trainer
 
-    fit = loop.FoldTrainer.fit
+    fit = fold_trainer.FoldTrainer.fit
 
-    def fit_and_dump(self: loop.FoldTrainer) -> None:
+    def fit_and_dump(self: fold_trainer.FoldTrainer) -> None:
         fit(self)
         torch.save(self.model.state_dict(), side / f"rank{rank}_fold{self.data.fold}.pt")
         cache = self.cache
@@ -70,7 +70,7 @@ def main() -> int:
             }
             (side / f"cache_rank{rank}_fold{self.data.fold}.json").write_text(json.dumps(info))
 
-    loop.FoldTrainer.fit = fit_and_dump  # type: ignore[method-assign]
+    fold_trainer.FoldTrainer.fit = fit_and_dump  # type: ignore[method-assign]
     from momkd.cli import main as cli_main
 
     return cli_main(argv)

@@ -239,7 +239,7 @@ def test_device_cache_is_bit_identical(stores, max_patches):
 
 def test_config_keys():
     from momkd.config import load_config
-    from momkd.train.loop import feature_dtype_for
+    from momkd.train.batching import feature_dtype_for
 
     cfg = load_config(None, ["data.cache=auto", "data.cache_gb=12.5"])
     assert cfg.data.cache == "auto" and cfg.data.cache_gb == 12.5
@@ -256,7 +256,7 @@ def test_config_keys():
 
 
 def test_collate_widens_float16_on_the_device(stores):
-    from momkd.train.loop import collate
+    from momkd.train.batching import collate
 
     store = CohortStore.open(stores["float16"][0])
     half = list(BagLoader(store, dtype="float16", knn_k=3))[:3]

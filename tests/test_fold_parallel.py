@@ -63,7 +63,9 @@ def _same(a: dict, b: dict) -> None:
 
 def test_fold_subsets_then_summarize_equal_a_full_run(cohort: Path, full: dict) -> None:
     from momkd.config import load_config
-    from momkd.train.runner import finished_folds, summarize, train
+    from momkd.train.rundir import finished_folds
+    from momkd.train.runner import train
+    from momkd.train.summary import summarize
 
     run = cohort.parent / "parts"
     first = train(

@@ -318,14 +318,14 @@ def test_batched_bags_train_end_to_end(
     """batch_size=2 for momkd: B bags concatenated with segment offsets from the store, one
     optimizer step per pair, momentum updates from both bags."""
     import zarr
-    from momkd.train import loop
+    from momkd.train import trainer as fold_trainer
 
     group: Any = zarr.open_group(cohort / "cohort.zarr", mode="r")
     store_ids = list(group.attrs["momkd"]["slide_ids"])
     store_off = np.asarray(group["offsets"][:])
     store_feats = np.asarray(group["features"][:], dtype=np.float32)
     batches: list[tuple[list[str], torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-    real_collate = loop.collate
+    real_collate = fold_trainer.collate
 
     def spy(bags: Any, device: torch.device, *, graph: bool) -> Any:
         feats, edges, offsets = real_collate(bags, device, graph=graph)
@@ -333,7 +333,7 @@ def test_batched_bags_train_end_to_end(
             batches.append(([b.slide_id for b in bags], feats.cpu(), edges, offsets))
         return feats, edges, offsets
 
-    monkeypatch.setattr(loop, "collate", spy)
+    monkeypatch.setattr(fold_trainer, "collate", spy)
     run = tmp_path / "bs2"
     losses, summary = _train(
         cohort, run, monkeypatch, kernels_mode="eager", batch_size=2, update="momentum"

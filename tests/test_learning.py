@@ -75,8 +75,9 @@ def test_memorises_a_tiny_training_set(
 ) -> None:
     from momkd.data.clinical import load_clinical, load_expression
     from momkd.data.store import CohortStore
+    from momkd.train.fold_data import FoldData
     from momkd.train.genomics import preprocessor_from_config
-    from momkd.train.loop import FoldData, FoldTrainer
+    from momkd.train.trainer import FoldTrainer
 
     cfg = load_config(cohort / "run.yaml", overrides=[f"model.method={method}"])
     assert cfg.data.clinical is not None

@@ -12,8 +12,7 @@ import math
 from typing import Any
 
 import pytest
-
-from tests.method_parity import METHODS, RECORD, fingerprint, platform_key
+from method_parity import METHODS, RECORD, fingerprint, platform_key
 
 
 def _close(a: Any, b: Any, path: str, exact: bool) -> list[str]:

@@ -160,7 +160,7 @@ def test_identity_residual_at_d_in_equal_to_hidden() -> None:
 
 def test_input_residual_from_config_and_legacy_checkpoints() -> None:
     from momkd.config import load_config
-    from momkd.train.loop import build_model, model_spec_for
+    from momkd.train.factory import build_model, model_spec_for
 
     for preset in ("official", "paper"):
         cfg = load_config(None, [f"model.preset={preset}"])

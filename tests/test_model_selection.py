@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from momkd.config import load_config
-from momkd.train.loop import Monitor
+from momkd.train.selection import Monitor
 
 LABEL = "pr"
 
@@ -274,7 +274,7 @@ def test_feature_stats_streaming_matches_numpy() -> None:
 def test_patient_bag_is_the_disjoint_union_of_its_slides(cohort: Path) -> None:
     from momkd.data.loader import BagLoader
     from momkd.data.store import CohortStore
-    from momkd.train.loop import UnitLoader
+    from momkd.train.batching import UnitLoader
 
     store = CohortStore.open(cohort / "cohort.zarr")
     rows = _read_csv(cohort / "clinical.csv")

@@ -64,7 +64,7 @@ def test_meanpool_batched_bags_equal_separate_bags() -> None:
 
 def test_ablation_has_no_path_from_omics_into_histology() -> None:
     from momkd.config import RunConfig
-    from momkd.train.loop import build_model, loss_weights_for, model_spec_for
+    from momkd.train.factory import build_model, loss_weights_for, model_spec_for
 
     cfg = RunConfig()
     cfg.model.method = "momkd_histo"
@@ -109,7 +109,7 @@ def test_ablation_has_no_path_from_omics_into_histology() -> None:
 
 def test_drop_patches_keeps_the_subgraph_of_kept_patches() -> None:
     from momkd.data.loader import Bag
-    from momkd.train.loop import drop_patches
+    from momkd.train.batching import drop_patches
 
     torch.manual_seed(3)
     n = 10
@@ -228,7 +228,7 @@ def _expected_lr(step: int, steps: int, epochs: int, warmup: float, lr: float) -
 def test_recipe_replays_exactly_after_an_interruption(
     method: str, cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from momkd.train import loop
+    from momkd.train import trainer as fold_trainer
     from momkd.train.runner import train
 
     cfg = load_config(cohort / "run.yaml", [f"model.method={method}"])
@@ -244,17 +244,17 @@ def test_recipe_replays_exactly_after_an_interruption(
         assert all(0.0 <= r["val_auc_teacher"] <= 1.0 for r in ref)
 
     # Interrupt after epoch 1 has been written, then resume.
-    real = loop.FoldTrainer._write_history
+    real = fold_trainer.FoldTrainer._write_history
 
-    def stop_after_two(self: loop.FoldTrainer) -> None:
+    def stop_after_two(self: fold_trainer.FoldTrainer) -> None:
         real(self)
         if len(self.state.history) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop.FoldTrainer, "_write_history", stop_after_two)
+    monkeypatch.setattr(fold_trainer.FoldTrainer, "_write_history", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop.FoldTrainer, "_write_history", real)
+    monkeypatch.setattr(fold_trainer.FoldTrainer, "_write_history", real)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
     got = json.loads((tmp_path / "cut" / "fold_0" / "history.json").read_text())
     drop = {"seconds", "train_seconds", "val_seconds", "loader_wait_s", "loader_wait_share"}

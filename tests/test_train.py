@@ -198,7 +198,7 @@ def test_genomics_fitted_on_fold_training_patients_only(
 
 
 def test_checkpoints_load_with_weights_only(run: tuple[Path, dict]) -> None:
-    from momkd.train.loop import build_model
+    from momkd.train.factory import build_model
 
     out, _ = run
     for name in ("best.pt", "last.pt"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import zarr
 from momkd import cli
-from momkd._io import atomic_open, atomic_write_text, current_umask
+from momkd._io import atomic_open, atomic_write_text, current_umask, write_csv, write_json
 from momkd._threads import available_cores, set_torch_threads
 from momkd.config import RunConfig, load_config, save_config
 from momkd.data import BagLoader, CohortStore, ingest
@@ -26,8 +26,7 @@ from momkd.data.store import StoreWriter
 from momkd.errors import ConfigError, IngestError
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.evaluate import format_eval
-from momkd.train.loop import write_csv, write_json
-from momkd.train.runner import format_summary
+from momkd.train.summary import format_summary
 
 # ------------------------------------------------------------------------------------ file modes
 
@@ -261,7 +260,7 @@ def test_training_warns_when_momkd_reads_grid_coords(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from momkd.synth import generate_cohort
-    from momkd.train.runner import _load_inputs
+    from momkd.train.inputs import load_inputs
 
     root = tmp_path / "c"
     generate_cohort(
@@ -284,7 +283,7 @@ def test_training_warns_when_momkd_reads_grid_coords(
     for method, warned in (("momkd", True), ("abmil", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="momkd"):
-            _load_inputs(load_config(None, [*base, f"model.method={method}"]))
+            load_inputs(load_config(None, [*base, f"model.method={method}"]))
         hits = [r.getMessage() for r in caplog.records if "arbitrary" in r.getMessage()]
         assert len(hits) == (1 if warned else 0), (method, hits)
 
@@ -502,8 +501,8 @@ class _Terminal:
 def test_momkd_progress_turns_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
+    from momkd.train.device import progress_enabled
     from momkd.train.evaluate import _progress
-    from momkd.train.loop import progress_enabled
 
     monkeypatch.setattr(sys, "stderr", _Terminal())
     cfg = load_config(None)

@@ -176,7 +176,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, out_dir=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") not in ("", "0"):
         return 0  # under torchrun, rank 0 alone reports and writes
-    from momkd.train.runner import format_summary
+    from momkd.train.summary import format_summary
 
     print(format_summary(summary))
     _write_report(summary.get("run_dir") or args.out or cfg.output.dir)
@@ -198,7 +198,7 @@ def _write_report(run_dir: object) -> None:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from momkd.train.runner import format_summary, summarize
+    from momkd.train.summary import format_summary, summarize
 
     summary = summarize(args.run_dir)
     print(format_summary(summary))

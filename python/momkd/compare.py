@@ -198,7 +198,7 @@ def _run_name(spec: MethodSpec, fraction: float) -> str:
 
 def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
     """Write the common split files once (or keep those of an earlier call)."""
-    from momkd.train.runner import load_clinical_table, run_splits, with_expression
+    from momkd.train.inputs import load_clinical_table, run_splits, with_expression
 
     folder = out / "splits"
     if folder.is_dir() and any(folder.glob("splits_*.csv")):
@@ -218,7 +218,8 @@ def _prepare_splits(base: Any, specs: Sequence[MethodSpec], out: Path) -> Path:
 def _train_one(cfg: Any, run_dir: Path, progress: bool | None) -> str:
     """Train, resume or skip one run; returns what was done."""
     from momkd.config import load_config
-    from momkd.train.runner import config_differences, train
+    from momkd.train.rundir import config_differences
+    from momkd.train.runner import train
 
     if (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file():
         diff = config_differences(load_config(run_dir / "config.yaml"), cfg)
@@ -348,7 +349,7 @@ class _Predictions:
 
 
 def _read_json(path: Path) -> Any:
-    from momkd.train.loop import read_json
+    from momkd._io import read_json
 
     try:
         return read_json(path)
@@ -357,7 +358,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _test_predictions(run: Path, summary: Mapping[str, Any]) -> _Predictions:
-    from momkd.train.runner import read_prediction_table
+    from momkd.train.summary import read_prediction_table
 
     ids: list[str] = []
     cases: list[str] = []
@@ -375,7 +376,7 @@ def _test_predictions(run: Path, summary: Mapping[str, Any]) -> _Predictions:
 
 
 def _external_predictions(run: Path) -> _Predictions | None:
-    from momkd.train.runner import read_prediction_table
+    from momkd.train.summary import read_prediction_table
 
     path = run / "external_predictions.csv"
     if not path.is_file():
@@ -499,7 +500,7 @@ def summarise_runs(
     DataError
         A run without summary or predictions, or runs that did not predict the same slides.
     """
-    from momkd.train.loop import write_json
+    from momkd._io import write_json
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -226,11 +226,11 @@ def run_demo(
     dict
         The report also written to ``OUT/demo_report.json``.
     """
+    from momkd._io import write_json
     from momkd.config import load_config, preset_yaml
     from momkd.data.ingest import ingest
     from momkd.report import write_report
     from momkd.synth import generate_cohort
-    from momkd.train.loop import write_json
     from momkd.train.runner import train
 
     def say(line: str) -> None:

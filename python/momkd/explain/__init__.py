@@ -96,7 +96,7 @@ def load_fold_model(
     """
     from momkd.model.momkd import MoMKD
     from momkd.train.checkpoint import load_checkpoint
-    from momkd.train.loop import build_model
+    from momkd.train.factory import build_model
 
     path = Path(checkpoint)
     state = load_checkpoint(path)

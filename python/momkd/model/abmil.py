@@ -17,11 +17,14 @@ Several bags can be processed at once: their patches are concatenated and ``segm
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from momkd.config import RunConfig
 
 __all__ = [
     "ABMIL",
@@ -229,3 +232,17 @@ class ABMIL(nn.Module):
         """Histology-only prediction for one bag: class probabilities (2,) and attention (N,)."""
         out = self.forward(features, edge_index)
         return torch.softmax(out.logits[0], dim=-1), out.attention
+
+
+# ------------------------------------------------------------- hooks of the method registry
+
+
+def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
+    """:class:`ABMILConfig` arguments from a run configuration (:mod:`momkd.methods`)."""
+    m = cfg.model
+    return {"d_in": d_in, "hidden": m.hidden, "attn_dim": m.attention_dim, "dropout": m.dropout}
+
+
+def build(params: dict[str, Any]) -> ABMIL:
+    """The model of :func:`params_from_config`'s arguments (as stored in a checkpoint)."""
+    return ABMIL(ABMILConfig(**params))

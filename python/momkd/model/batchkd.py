@@ -25,16 +25,19 @@ the baseline is run with mini-batches of ``model.batchkd_batch`` bags (8 by defa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from momkd.errors import DataError
+from momkd.errors import ConfigError, DataError
 from momkd.model.abmil import GatedAttentionPool, segment_ids
 from momkd.model.histology import make_classifier
 from momkd.model.omics import OmicsEncoder
+
+if TYPE_CHECKING:
+    from momkd.config import RunConfig
 
 __all__ = ["BatchKD", "BatchKDConfig", "BatchKDOutput", "logit_kd_loss", "relational_kd_loss"]
 
@@ -234,3 +237,45 @@ class BatchKD(nn.Module):
         """Histology-only prediction for one bag: probabilities (2,) and attention (N,)."""
         out = self.forward(features)
         return torch.softmax(out.logits[0], dim=-1), out.attention
+
+
+# ------------------------------------------------------------- hooks of the method registry
+
+
+def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
+    """:class:`BatchKDConfig` arguments from a run configuration (:mod:`momkd.methods`).
+
+    Raises
+    ------
+    ConfigError
+        No expression (``genes`` None).
+    """
+    if genes is None:
+        raise ConfigError("data.expression: required by method batchkd")
+    m = cfg.model
+    return {
+        "d_in": d_in,
+        "hidden": m.hidden,
+        "attn_dim": m.attention_dim,
+        "dropout": m.dropout,
+        "genes": genes,
+        "omics_width": m.omics_width,
+        "omics_hidden": m.omics_hidden,
+        "omics_dropout": m.omics_dropout,
+        "classifier_hidden": m.classifier_hidden,
+        "temperature": m.batchkd_temperature,
+        "kd_weight": cfg.loss.batchkd,
+    }
+
+
+def build(params: dict[str, Any]) -> BatchKD:
+    """The model of :func:`params_from_config`'s arguments (as stored in a checkpoint)."""
+    return BatchKD(BatchKDConfig(**params))
+
+
+def batch_size(cfg: RunConfig) -> int:
+    """Bags per optimizer step: ``model.batchkd_batch`` when ``train.batch_size`` is left at 1
+    (the alignment is meaningless within a single bag), else ``train.batch_size``."""
+    if cfg.train.batch_size == 1:
+        return int(cfg.model.batchkd_batch)
+    return int(cfg.train.batch_size)

@@ -17,13 +17,16 @@ Several bags can be processed at once: their patches are concatenated and ``segm
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from momkd.model.abmil import MILOutput, segment_ids, segment_sum
+
+if TYPE_CHECKING:
+    from momkd.config import RunConfig
 
 __all__ = ["MeanPool", "MeanPoolConfig"]
 
@@ -109,3 +112,16 @@ class MeanPool(nn.Module):
         del expression, weights
         ce = F.cross_entropy(out.logits, y)
         return ce, {"ce": ce.detach()}
+
+
+# ------------------------------------------------------------- hooks of the method registry
+
+
+def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
+    """:class:`MeanPoolConfig` arguments from a run configuration (:mod:`momkd.methods`)."""
+    return {"d_in": d_in, "hidden": cfg.model.meanpool_hidden, "dropout": cfg.model.dropout}
+
+
+def build(params: dict[str, Any]) -> MeanPool:
+    """The model of :func:`params_from_config`'s arguments (as stored in a checkpoint)."""
+    return MeanPool(MeanPoolConfig(**params))

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from momkd.model.histology import (
     make_classifier,
 )
 from momkd.model.omics import OmicsDecoder, OmicsEncoder
+
+if TYPE_CHECKING:
+    from momkd.config import RunConfig
 
 __all__ = ["LossWeights", "MoMKD", "MoMKDOutput", "ModelConfig"]
 
@@ -566,3 +569,61 @@ class MoMKD(nn.Module):
             emb = out.z_w.new_zeros(0, self.cfg.sphere)
             lab = y.new_zeros(0)
         self.memory.momentum_update(emb, lab, reduce_fn=reduce_fn)
+
+
+# ------------------------------------------------------------- hooks of the method registry
+
+
+def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
+    """:class:`ModelConfig` arguments from a run configuration (:mod:`momkd.methods`): ``momkd``
+    with its omics branch, ``momkd_histo`` (the ablation) without it.
+
+    Raises
+    ------
+    ConfigError
+        Not 2 GATv2 heads; ``momkd`` without expression (``genes`` None).
+    """
+    m = cfg.model
+    omics = method == "momkd"
+    if m.heads != 2:
+        raise ConfigError(f"model.heads: MoMKD uses 2 GATv2 heads, got {m.heads}")
+    if omics and genes is None:
+        raise ConfigError("data.expression: required by method momkd")
+    sources = list(cfg.memory.momentum_sources) if omics else ["wsi"]
+    return {
+        "d_in": d_in,
+        "hidden": m.hidden,
+        "omics_width": m.omics_width,
+        "omics_hidden": m.omics_hidden,
+        "sphere": m.sphere,
+        "memory_k": m.memory_k,
+        "genes": genes if omics else 0,
+        "dropout": m.dropout,
+        "omics_dropout": m.omics_dropout,
+        "attn_dropout": m.attn_dropout,
+        "tau_init": m.tau_init,
+        "tau_min": m.tau_min,
+        "tau_max": m.tau_max,
+        "classifier_hidden": m.classifier_hidden,
+        "memory_update": cfg.memory.update,
+        "momentum": cfg.memory.momentum,
+        "dead_after": cfg.memory.dead_after,
+        "momentum_sources": sources,
+        "input_residual": m.input_residual,
+        "omics": omics,
+    }
+
+
+def build(params: dict[str, Any]) -> MoMKD:
+    """The model of :func:`params_from_config`'s arguments (as stored in a checkpoint)."""
+    params = dict(params)
+    params["momentum_sources"] = tuple(params.get("momentum_sources", ("omics",)))
+    # Checkpoints written before the released residual rule always used a Linear.
+    params.setdefault("input_residual", "linear")
+    return MoMKD(ModelConfig(**params))
+
+
+def loss_weights(cfg: RunConfig) -> LossWeights:
+    """:class:`LossWeights` from the ``loss`` section of a run configuration."""
+    names = {f for f in LossWeights.__dataclass_fields__}
+    return LossWeights(**{k: getattr(cfg.loss, k) for k in names if hasattr(cfg.loss, k)})

@@ -296,7 +296,7 @@ def init_distributed(
     ConfigError
         An unknown backend, nccl without CUDA, or fewer CUDA devices than local ranks.
     """
-    from momkd.train.loop import select_device
+    from momkd.train.device import select_device
 
     if backend not in BACKENDS:
         raise ConfigError(f"train.dist_backend: expected one of {BACKENDS}, got {backend!r}")

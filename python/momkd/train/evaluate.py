@@ -52,8 +52,9 @@ class FoldModel:
     """
 
     def __init__(self, path: Path, device: Any) -> None:
+        from momkd._io import read_json
         from momkd.train.checkpoint import load_checkpoint
-        from momkd.train.loop import build_model, read_json
+        from momkd.train.factory import build_model
 
         ckpt = load_checkpoint(path, map_location=device)
         for key in ("model", "model_config", "method"):
@@ -122,7 +123,7 @@ def _predict_all(
     progress: bool,
     members: Mapping[str, Sequence[str]] | None = None,
 ) -> np.ndarray:
-    from momkd.train.loop import run_inference
+    from momkd.train.inference import run_inference
 
     out = np.zeros((len(models), len(slide_ids)), dtype=np.float64)
     for i, fm in enumerate(models):
@@ -190,8 +191,8 @@ def predict(
     MomkdError
         No usable checkpoint.
     """
+    from momkd._io import write_csv
     from momkd.data.store import CohortStore
-    from momkd.train.loop import write_csv
 
     models = load_fold_models(source)
     cohort = CohortStore.open(store)
@@ -274,10 +275,10 @@ def evaluate_run(
         ``std`` (ddof 1), ``ensemble`` (metrics of the mean probability), ``n_slides``,
         ``excluded`` label counts, ``out`` folder.
     """
+    from momkd._io import write_csv, write_json
     from momkd.data.clinical import load_clinical
     from momkd.data.store import CohortStore
     from momkd.metrics import aggregate, evaluate_with_threshold
-    from momkd.train.loop import write_csv, write_json
 
     run = Path(run_dir)
     models = load_fold_models(run)
@@ -309,7 +310,7 @@ def evaluate_run(
     members = None
     if data.get("bag") == "patient":
         # The run was trained on patient bags: a patient's slides are predicted as one bag.
-        from momkd.train.runner import patient_units
+        from momkd.train.inputs import patient_units
 
         members, unit_labels = patient_units(ids, table.label_of(), cases, str(clinical))
         ids = list(members)
@@ -377,7 +378,7 @@ def format_eval(result: Mapping[str, Any]) -> str:
         lines.append(
             "excluded labels: " + ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items())
         )
-    from momkd.train.runner import METRIC_COLUMNS as cols
+    from momkd.train.summary import METRIC_COLUMNS as cols
 
     widths = [max(5, len(c)) for c in cols]  # full column names, never cut
 

@@ -6,7 +6,7 @@ each process sees one GPU (``CUDA_VISIBLE_DEVICES``, round robin over the visibl
 CPU the cores are split between the processes. This process first prepares the run directory
 (configuration, splits), so the fold processes only resume into it; every fold process merges the
 finished folds into the summary when it ends (under a lock), and a final
-:func:`~momkd.train.runner.summarize` writes the complete summary.
+:func:`~momkd.train.summary.summarize` writes the complete summary.
 
 The same layout serves a SLURM job array (one fold per array task, then ``momkd summarize``); see
 the README section "Training on several GPUs or nodes".
@@ -99,7 +99,8 @@ def run_fold_parallel(
     MomkdError
         A fold process failed (its exit code and last message; its log is ``fold_<k>.log``).
     """
-    from momkd.train.runner import prepare_run, summarize
+    from momkd.train.runner import prepare_run
+    from momkd.train.summary import summarize
 
     run_dir, folds = prepare_run(cfg, out_dir, resume)
     log.info("fold-parallel: folds %s, %d at a time, in %s", folds, n, run_dir)
