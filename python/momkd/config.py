@@ -195,9 +195,10 @@ class GenomicsConfig:
 class ModelConfig:
     """Network architecture."""
 
-    method: Literal["momkd", "momkd_histo", "abmil", "batchkd", "meanpool"] = _f(
+    method: str = _f(
         "momkd",
-        "momkd, momkd_histo (MoMKD with the genomics terms off), abmil, batchkd or meanpool",
+        f"training method: {', '.join(METHODS)} (momkd_histo: MoMKD with the genomics terms off; "
+        "the registry in momkd.methods)",
     )
     preset: Literal["official", "paper"] = _f(
         "official", "dimension defaults: official (hidden 512, sphere 64) or paper (256, 128)"
@@ -663,6 +664,9 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         cfg.memory,
         cfg.loss,
         cfg.train,
+    )
+    require(
+        m.method in METHODS, "model.method", f"expected {' | '.join(METHODS)}, got {m.method!r}"
     )
     for key in ("case_column", "slide_column", "label_column"):
         require(bool(getattr(d, key).strip()), f"data.{key}", "must not be empty")

@@ -94,6 +94,7 @@ def load_fold_model(
     MomkdError
         Unreadable checkpoint, or one of another method (explanations need the class memory).
     """
+    from momkd.methods import METHODS
     from momkd.model.momkd import MoMKD
     from momkd.train.checkpoint import load_checkpoint
     from momkd.train.factory import build_model
@@ -104,7 +105,7 @@ def load_fold_model(
     if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict):
         raise MomkdError(f"checkpoint {path}: no model_config {{method, params}}")
     method = spec.get("method") or state.get("method")
-    if method not in ("momkd", "momkd_histo"):
+    if method not in METHODS or not METHODS[method].memory:
         raise MomkdError(
             f"checkpoint {path}: method {method!r} has no class memory; explain needs a momkd run"
         )
