@@ -134,6 +134,11 @@ class DataConfig:
     label_column: str = _f("label", "clinical column with the label to predict")
     positive: list[LabelValue] = _f([], "label values mapped to class 1 (compared as strings)")
     negative: list[LabelValue] = _f([], "label values mapped to class 0; all other values excluded")
+    classes: list[LabelValue] = _f(
+        [],
+        "ordered label values, one class each (class i is the i-th value; other values are "
+        "excluded): for more than two classes, instead of data.positive/negative",
+    )
     external: ExternalConfig | None = _f(
         None, "optional external cohort: {store: ..., clinical: ...}"
     )
@@ -400,6 +405,19 @@ class RunConfig:
                 return f"--set {item}"
         return str(self.source) if self.source is not None else "config"
 
+    @property
+    def n_classes(self) -> int:
+        """Number of classes: the length of ``data.classes``, else 2 (``positive``/``negative``)."""
+        return len(self.data.classes) if self.data.classes else 2
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display name of each class, in class order: the ``data.classes`` values, else
+        ``negative`` and ``positive``."""
+        if self.data.classes:
+            return [str(v).strip() for v in self.data.classes]
+        return ["negative", "positive"]
+
     def require_inputs(self) -> None:
         """Check that the inputs a training run needs are configured and exist.
 
@@ -418,11 +436,13 @@ class RunConfig:
 
         need("data.store", self.data.store)
         need("data.clinical", self.data.clinical)
-        if not self.data.positive:
+        if self.data.classes:
+            pass  # checked by load_config: at least two distinct values, no positive/negative
+        elif not self.data.positive:
             raise ConfigError(
                 f"{where('data.positive')}: data.positive: required, list the positive label values"
             )
-        if not self.data.negative:
+        elif not self.data.negative:
             raise ConfigError(
                 f"{where('data.negative')}: data.negative: required, list the negative label values"
             )
@@ -674,6 +694,16 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
     neg = {str(v).strip() for v in d.negative}
     both = sorted(pos & neg)
     require(not both, "data.negative", f"values also listed in data.positive: {both}")
+    if d.classes:
+        require(
+            not d.positive and not d.negative,
+            "data.classes",
+            "set either data.classes or data.positive/negative, not both",
+        )
+        values = [str(v).strip() for v in d.classes]
+        require(len(values) >= 2, "data.classes", f"needs at least two values, got {values}")
+        dup = sorted({v for v in values if values.count(v) > 1})
+        require(not dup, "data.classes", f"values listed twice: {dup}")
     require(s.k >= 2, "splits.k", f"must be >= 2, got {s.k}")
     require(s.seed >= 0, "splits.seed", f"must be >= 0, got {s.seed}")
     require(0.0 <= s.val_fraction < 1.0, "splits.val_fraction", "must be in [0, 1)")
