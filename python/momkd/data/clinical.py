@@ -129,7 +129,8 @@ class ClinicalTable:
     slide_ids, case_ids
         ``(n,)`` slide ids and the patient of each slide, in file order.
     labels
-        ``(n,)`` int64, 1 = positive, 0 = negative.
+        ``(n,)`` int64 class indices: 1 = positive, 0 = negative; with ``data.classes`` the index
+        of the value in that list.
     excluded
         Count of slides per unmapped label value (stripped text; ``""`` for an empty cell).
     label_column
@@ -137,6 +138,9 @@ class ClinicalTable:
     dropped
         Slide id -> patient id of rows left out: unmapped label, or (after :func:`require_cases`
         with skipping) no expression. Useful to tell such slides from unknown ones.
+    class_names
+        Name of each class in index order (the ``classes`` values; ``negative``, ``positive`` for
+        a binary mapping).
     """
 
     path: Path
@@ -146,6 +150,16 @@ class ClinicalTable:
     excluded: Counter[str] = field(default_factory=Counter)
     label_column: str = "label"
     dropped: dict[str, str] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=lambda: ["negative", "positive"])
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes of the label mapping (2 for positive/negative)."""
+        return len(self.class_names)
+
+    def class_counts(self) -> list[int]:
+        """Slides per class, in class order."""
+        return np.bincount(self.labels, minlength=self.n_classes).astype(int).tolist()
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -185,6 +199,7 @@ class ClinicalTable:
             excluded=Counter(self.excluded),
             label_column=self.label_column,
             dropped=dict(self.dropped),
+            class_names=list(self.class_names),
         )
 
 
@@ -210,6 +225,7 @@ def load_clinical(
     positive: Sequence[Any] = (),
     negative: Sequence[Any] = (),
     case_insensitive: bool = False,
+    classes: Sequence[Any] = (),
 ) -> ClinicalTable:
     """Read a clinical table and map its labels.
 
@@ -224,6 +240,9 @@ def load_clinical(
     case_insensitive
         Also ignore case (``positive`` matches ``Positive``). When false, values that differ from
         a mapped value only in case are excluded and named in one warning with their counts.
+    classes
+        Instead of ``positive``/``negative``: the ordered label values of a multi-class label,
+        value ``i`` mapped to class ``i`` (compared as ``positive`` and ``negative`` are).
 
     Returns
     -------
@@ -237,18 +256,36 @@ def load_clinical(
         in both mappings, or no slide with a mapped label.
     """
     file = Path(path)
-    pos, neg = _label_strings(positive), _label_strings(negative)
-    if not pos or not neg:
-        raise ConfigError(
-            f"{file}: label mapping for '{label_col}' needs positive and negative values"
-        )
-    if case_insensitive:
-        pos, neg = {v.casefold() for v in pos}, {v.casefold() for v in neg}
-    if pos & neg:
-        raise ConfigError(
-            f"{file}: label values in both positive and negative: {sorted(pos & neg)}"
-            + (" (ignoring case)" if case_insensitive else "")
-        )
+    fold = (lambda v: v.casefold()) if case_insensitive else (lambda v: v)
+    names = [str(v).strip() for v in classes]
+    if names:
+        if positive or negative:
+            raise ConfigError(
+                f"{file}: label mapping for '{label_col}': give classes or positive/negative, "
+                "not both"
+            )
+        mapping = {fold(v): i for i, v in reversed(list(enumerate(names)))}
+        if len(mapping) < len(names) or len(names) < 2:
+            raise ConfigError(
+                f"{file}: label mapping for '{label_col}' needs two or more distinct classes, "
+                f"got {names}" + (" (ignoring case)" if case_insensitive else "")
+            )
+        pos, neg = set(), set()
+        class_names = names
+    else:
+        pos, neg = _label_strings(positive), _label_strings(negative)
+        if not pos or not neg:
+            raise ConfigError(
+                f"{file}: label mapping for '{label_col}' needs positive and negative values"
+            )
+        pos, neg = {fold(v) for v in pos}, {fold(v) for v in neg}
+        if pos & neg:
+            raise ConfigError(
+                f"{file}: label values in both positive and negative: {sorted(pos & neg)}"
+                + (" (ignoring case)" if case_insensitive else "")
+            )
+        mapping = {**{v: 0 for v in neg}, **{v: 1 for v in pos}}
+        class_names = ["negative", "positive"]
     header, rows = _read_rows(file)
     i_case = _column(file, header, case_col, "case column")
     i_slide = _column(file, header, slide_col, "slide column")
@@ -274,12 +311,8 @@ def load_clinical(
         seen[slide] = line
         if not case:
             raise DataError(f"{file}: line {line}: empty {case_col} for slide '{slide}'")
-        key = value.casefold() if case_insensitive else value
-        if key in pos:
-            label = 1
-        elif key in neg:
-            label = 0
-        else:
+        label = mapping.get(fold(value))
+        if label is None:
             excluded[value] += 1
             dropped[slide] = case
             continue
@@ -296,18 +329,20 @@ def load_clinical(
             label_col,
             shown,
         )
-        _warn_numeric_near_miss(file, label_col, excluded, pos | neg)
+        _warn_numeric_near_miss(file, label_col, excluded, set(mapping))
         if not case_insensitive:
-            _warn_case_near_miss(file, label_col, excluded, pos | neg)
+            _warn_case_near_miss(file, label_col, excluded, set(mapping))
     if not slide_ids:
-        raise DataError(
-            f"{file}: no slide has a {label_col} value in positive {sorted(pos)} or negative "
-            f"{sorted(neg)}"
+        wanted = (
+            f"classes {names}" if names else f"positive {sorted(pos)} or negative {sorted(neg)}"
         )
+        raise DataError(f"{file}: no slide has a {label_col} value in {wanted}")
     arr = np.asarray(labels, dtype=np.int64)
     if arr.min() == arr.max():
         log.warning("%s: every labelled slide has %s class %d", file, label_col, int(arr[0]))
-    return ClinicalTable(file, slide_ids, case_ids, arr, excluded, label_col, dropped)
+    return ClinicalTable(
+        file, slide_ids, case_ids, arr, excluded, label_col, dropped, class_names=class_names
+    )
 
 
 def _case_near_misses(excluded: Counter[str], mapped: set[str]) -> list[tuple[str, int, str]]:
@@ -356,6 +391,36 @@ def require_both_classes(
             "data.label_case_insensitive: true or list them in data.positive/data.negative"
         )
     raise DataError(text)
+
+
+def require_classes(table: ClinicalTable, folds: int | None = None) -> None:
+    """Check that every class of a multi-class table has slides, and, when ``folds`` is given,
+    at least that many patients (so that every stratified test fold holds each class).
+
+    Raises
+    ------
+    DataError
+        One line naming the column, the class and its counts.
+    """
+    patients: dict[int, set[str]] = {c: set() for c in range(table.n_classes)}
+    for case, label in zip(table.case_ids, table.labels.tolist(), strict=True):
+        patients[int(label)].add(case)
+    empty = [table.class_names[c] for c, p in patients.items() if not p]
+    if empty:
+        raise DataError(
+            f"{table.path}: no slide has {table.label_column} "
+            f"{', '.join(map(repr, empty))}; training needs every class of data.classes "
+            f"{table.class_names} (remove the class from data.classes or add its slides)"
+        )
+    if folds is None:
+        return
+    few = [(table.class_names[c], len(p)) for c, p in patients.items() if len(p) < folds]
+    if few:
+        shown = ", ".join(f"{name!r} has {n}" for name, n in few)
+        raise DataError(
+            f"{table.path}: {table.label_column} class {shown} patient(s), fewer than the "
+            f"{folds} folds of splits.k; lower splits.k or merge the class into another"
+        )
 
 
 def _warn_case_near_miss(

@@ -15,9 +15,7 @@ from torch import nn
 
 from momkd.data.cache import BagCache
 from momkd.data.store import CohortStore
-from momkd.methods import (
-    uses_graph,
-)
+from momkd.methods import uses_graph
 from momkd.train.batching import (
     UnitLoader,
     collate,

@@ -19,11 +19,10 @@ from momkd.data.clinical import (
     load_expression,
     require_both_classes,
     require_cases,
+    require_classes,
 )
 from momkd.errors import ConfigError, DataError
-from momkd.methods import (
-    METHODS,
-)
+from momkd.methods import METHODS
 from momkd.train.genomics import preprocessor_from_config
 from momkd.train.splits import (
     Split,
@@ -82,6 +81,7 @@ def load_clinical_table(cfg: RunConfig, path: Any = None) -> ClinicalTable:
         d.positive,
         d.negative,
         case_insensitive=d.label_case_insensitive,
+        classes=d.classes,
     )
 
 
@@ -138,6 +138,7 @@ def load_inputs(
         "patients": len(set(table.case_ids)),
         "positive": int(labels.sum()),
         "negative": int(len(labels) - labels.sum()),
+        **_class_counts(table),
         "excluded": dict(table.excluded),
         "n_excluded": int(sum(table.excluded.values())),
         "skipped_no_expression": {"patients": len(skipped), "slides": n_before - len(table)},
@@ -177,6 +178,7 @@ def load_external(
         "slides": len(table),
         "patients": len(set(table.case_ids)),
         "positive": int(table.labels.sum()),
+        **_class_counts(table),
         "excluded": dict(table.excluded),
     }
     return store, list(table.slide_ids), table.label_of(), table.case_of(), report
@@ -228,7 +230,10 @@ def check_trainable(cfg: RunConfig, table: ClinicalTable, expression: Expression
         One class only (naming label values that differ from the mapping only in case), genes of
         ``genomics.gene_list`` not in the matrix.
     """
-    require_both_classes(table, cfg.data.positive, cfg.data.negative)
+    if table.n_classes == 2:
+        require_both_classes(table, cfg.data.positive, cfg.data.negative)
+    else:
+        require_classes(table, folds=cfg.splits.k if cfg.splits.dir is None else None)
     if expression is not None:
         preprocessor_from_config(cfg).check_genes(expression.gene_names, expression.path)
 
@@ -250,6 +255,13 @@ def check_folds(cfg: RunConfig, table: ClinicalTable, splits: Sequence[Split]) -
     label_of = table.label_of()
     for f in folds:
         classes = {label_of[s] for s in splits[f].train if s in label_of}
+        if len(classes) < table.n_classes and table.n_classes > 2:
+            missing = [table.class_names[c] for c in range(table.n_classes) if c not in classes]
+            raise DataError(
+                f"splits: fold {f}'s training slides have no {table.label_column} "
+                f"{', '.join(map(repr, missing))}; every fold needs every class in training "
+                "(check splits.dir or use more patients of that class)"
+            )
         if len(classes) < 2:
             raise DataError(
                 f"splits: fold {f}'s training slides all have class {min(classes, default=0)}; "
@@ -345,3 +357,11 @@ def fold_genomics(
         pre.state_dict(),
         {c: val[i] for i, c in enumerate(val_cases)},
     )
+
+
+def _class_counts(table: ClinicalTable) -> dict[str, Any]:
+    """``{"classes": {name: slides}}`` of a multi-class table (nothing for a binary one, whose
+    ``positive``/``negative`` counts say it all)."""
+    if table.n_classes == 2:
+        return {}
+    return {"classes": dict(zip(table.class_names, table.class_counts(), strict=True))}

@@ -60,9 +60,7 @@ from momkd.train.splits import (
     Split,
     subsample_train,
 )
-from momkd.train.summary import (
-    write_summary,
-)
+from momkd.train.summary import write_summary
 
 __all__ = ["prepare_run", "train"]
 

@@ -94,7 +94,8 @@ def make_splits(
     case_ids
         ``(n,)`` patient id of each slide (or of each patient).
     labels
-        ``(n,)`` 0/1 label of each slide; all slides of a patient must agree.
+        ``(n,)`` class index (0/1, or 0..C-1 for C classes) of each slide; all slides of a
+        patient must agree.
     k
         Number of folds (>= 2).
     val_fraction
@@ -113,8 +114,8 @@ def make_splits(
     Raises
     ------
     DataError
-        Mismatched lengths, labels other than 0/1, a patient with conflicting labels, or fewer
-        patients than folds.
+        Mismatched lengths, negative or non-integer labels, a patient with conflicting labels, or
+        fewer patients than folds.
     """
     y = np.asarray(labels)
     cases = [str(c) for c in case_ids]
@@ -124,8 +125,10 @@ def make_splits(
         raise DataError(f"make_splits: {len(cases)} case ids but {len(slide_ids)} slide ids")
     if not cases:
         raise DataError("make_splits: no slides to split")
-    if not np.isin(y, (0, 1)).all():
-        raise DataError(f"make_splits: labels must be 0 or 1, got {sorted(set(y.tolist()))}")
+    if y.dtype.kind not in "iub" or (y < 0).any():
+        raise DataError(
+            f"make_splits: labels must be class indices >= 0, got {sorted(set(y.tolist()))[:10]}"
+        )
     if k < 2:
         raise DataError(f"make_splits: k must be >= 2, got {k}")
     if not 0.0 <= val_fraction < 1.0:
@@ -134,7 +137,8 @@ def make_splits(
     patient_label = _patient_labels(cases, y.astype(np.int64))
     if len(patient_label) < k:
         raise DataError(f"make_splits: {len(patient_label)} patients cannot fill {k} folds")
-    by_class = {c: sorted(p for p, lab in patient_label.items() if lab == c) for c in (0, 1)}
+    classes = range(max(2, int(y.max()) + 1))
+    by_class = {c: sorted(p for p, lab in patient_label.items() if lab == c) for c in classes}
     for c, members in by_class.items():
         if len(members) < k:
             log.warning(
@@ -147,7 +151,7 @@ def make_splits(
     rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
     offset = 0
-    for c in (0, 1):
+    for c in classes:
         members = by_class[c]
         for i, j in enumerate(rng.permutation(len(members))):
             fold_of[members[j]] = (offset + i) % k
@@ -166,7 +170,7 @@ def make_splits(
         fold_rng = np.random.default_rng([seed, fold])
         test = [p for p in patient_label if fold_of[p] == fold]
         val: list[str] = []
-        for c in (0, 1):
+        for c in classes:
             rest = [p for p in by_class[c] if fold_of[p] != fold]
             n_val = 0
             if val_fraction > 0 and len(rest) >= 2:
@@ -422,7 +426,7 @@ def subsample_train(
         patient_label.setdefault(case_of[s], int(label_of[s]))
         slides_of[case_of[s]].append(s)
     kept: list[str] = []
-    for c in (0, 1):
+    for c in range(max([1, *patient_label.values()]) + 1):
         members = sorted(p for p, lab in patient_label.items() if lab == c)
         if not members:
             continue

@@ -41,9 +41,7 @@ from momkd.train.inputs import (
     load_external,
     load_inputs,
 )
-from momkd.train.rundir import (
-    finished_folds,
-)
+from momkd.train.rundir import finished_folds
 
 __all__ = [
     "METRIC_COLUMNS",

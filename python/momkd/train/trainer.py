@@ -64,9 +64,7 @@ from momkd.methods import (
     uses_expression,
     uses_graph,
 )
-from momkd.metrics import (
-    binary_metrics,
-)
+from momkd.metrics import binary_metrics
 from momkd.train.batching import (
     UnitLoader,
     batches_of,
