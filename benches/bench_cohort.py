@@ -65,7 +65,7 @@ def _peak_rss_mb() -> float:
 def cohort() -> Path:
     """The store (written once, timed the first time)."""
     from momkd.data import StoreWriter
-    from momkd.data.store import default_chunk_rows, shard_rows_for
+    from momkd.data.store_writer import default_chunk_rows, shard_rows_for
 
     tag = f"cohort_s{SLIDES}_p{PATCHES}_d{DIM}" + (f"_sh{SHARD_MB:g}" if SHARD_MB else "")
     path = ROOT / tag / "cohort.zarr"

@@ -382,7 +382,8 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(cohort: Path) -> None:
 
 @pytest.mark.slow
 def test_bad_chunk_on_one_rank_stops_every_rank(cohort: Path, tmp_path: Path) -> None:
-    from momkd.data.store import CohortStore, StoreWriter
+    from momkd.data.store import CohortStore
+    from momkd.data.store_writer import StoreWriter
 
     data = tmp_path / "data"
     data.mkdir()

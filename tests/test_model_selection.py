@@ -199,7 +199,8 @@ def test_without_validation_every_epoch_runs_and_the_last_is_kept(
 
 def test_standardisation_uses_training_slides_only(cohort: Path, tmp_path: Path) -> None:
     """A shift planted in the test slides must not reach the fitted statistics."""
-    from momkd.data.store import CohortStore, StoreWriter
+    from momkd.data.store import CohortStore
+    from momkd.data.store_writer import StoreWriter
     from momkd.train.runner import train
 
     src = CohortStore.open(cohort / "cohort.zarr")

@@ -11,7 +11,7 @@ import zarr
 from momkd.cli import main
 from momkd.data import BagLoader, CohortStore, StoreWriter
 from momkd.data.ingest import ingest
-from momkd.data.store import shard_rows_for
+from momkd.data.store_writer import shard_rows_for
 from momkd.errors import DataError, StoreError
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 

@@ -6,12 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
-import momkd.data.store as store_mod
+import momkd.data.store_writer as writer_mod
 import numpy as np
 import pytest
 import zarr
 import zarr.storage._local as zarr_local
-from momkd.data.store import CohortStore, StoreWriter, default_chunk_rows, read_header
+from momkd.data.store import CohortStore, read_header
+from momkd.data.store_writer import StoreWriter, default_chunk_rows
 from momkd.errors import DataError, SlideNotFoundError, StoreError
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
@@ -325,7 +326,7 @@ class _Killer:
     def __init__(self, monkeypatch) -> None:
         self.n = 0
         self.kill_at = -1
-        real_put, real_json = zarr_local._put, store_mod._write_json_atomic
+        real_put, real_json = zarr_local._put, writer_mod._write_json_atomic
 
         def put(path, value, exclusive=False):
             self._gate()
@@ -336,7 +337,7 @@ class _Killer:
             return real_json(target, obj)
 
         monkeypatch.setattr(zarr_local, "_put", put)
-        monkeypatch.setattr(store_mod, "_write_json_atomic", write_json)
+        monkeypatch.setattr(writer_mod, "_write_json_atomic", write_json)
 
     def _gate(self) -> None:
         if 0 <= self.kill_at <= self.n:

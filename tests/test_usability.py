@@ -22,7 +22,7 @@ from momkd.config import RunConfig, load_config, save_config
 from momkd.data import BagLoader, CohortStore, ingest
 from momkd.data.clinical import load_clinical
 from momkd.data.info import describe
-from momkd.data.store import StoreWriter
+from momkd.data.store_writer import StoreWriter
 from momkd.errors import ConfigError, IngestError
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.evaluate import format_eval

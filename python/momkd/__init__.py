@@ -23,7 +23,7 @@ _LAZY = {
     "Bag": ("momkd.data.loader", "Bag"),
     "BagLoader": ("momkd.data.loader", "BagLoader"),
     "CohortStore": ("momkd.data.store", "CohortStore"),
-    "StoreWriter": ("momkd.data.store", "StoreWriter"),
+    "StoreWriter": ("momkd.data.store_writer", "StoreWriter"),
 }
 
 

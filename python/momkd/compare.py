@@ -55,6 +55,16 @@ from typing import Any
 import numpy as np
 
 from momkd.errors import ConfigError, DataError
+from momkd.htmlkit import (
+    COLOURS,
+    escape,
+    figure_html,
+    html_page,
+    new_figure,
+    roc_pr_figure,
+    save_figure,
+    section,
+)
 from momkd.methods import METHODS
 
 __all__ = [
@@ -676,15 +686,11 @@ def format_comparison(result: Mapping[str, Any]) -> str:
 
 
 def _roc_overlay(tests: Mapping[str, _Predictions], path: Path) -> Path | None:
-    from momkd.report import _roc_pr_figure
-
     preds = {name: {"label": t.y, "prob": t.p} for name, t in tests.items()}
-    return _roc_pr_figure(preds, path, "Pooled test predictions: ROC and precision-recall")
+    return roc_pr_figure(preds, path, "Pooled test predictions: ROC and precision-recall")
 
 
 def _forest_plot(result: Mapping[str, Any], path: Path) -> Path | None:
-    from momkd.report import _new_figure, _save
-
     rows = []
     for key, level in (
         ("paired", "slides"),
@@ -695,7 +701,7 @@ def _forest_plot(result: Mapping[str, Any], path: Path) -> Path | None:
             rows.append((f"{pair['a']} − {pair['b']} ({level})", pair))
     if not rows:
         return None
-    fig = _new_figure(8.5, 0.9 + 0.45 * len(rows))
+    fig = new_figure(8.5, 0.9 + 0.45 * len(rows))
     ax = fig.subplots()
     for i, (label, pair) in enumerate(rows):
         yv = len(rows) - 1 - i
@@ -715,7 +721,7 @@ def _forest_plot(result: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("AUC difference (a − b) with 95% paired bootstrap CI")
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _nan(v: Any) -> float:
@@ -723,16 +729,14 @@ def _nan(v: Any) -> float:
 
 
 def _curve_plot(result: Mapping[str, Any], path: Path) -> Path | None:
-    from momkd.report import _FOLD_COLOURS, _new_figure, _save
-
     lc = result.get("learning_curve")
     if not lc:
         return None
-    fig = _new_figure(7.5, 4.8)
+    fig = new_figure(7.5, 4.8)
     ax = fig.subplots()
     n_methods = len(lc["methods"])
     for i, (name, points) in enumerate(lc["methods"].items()):
-        colour = _FOLD_COLOURS[i % len(_FOLD_COLOURS)]
+        colour = COLOURS[i % len(COLOURS)]
         # Small horizontal offsets keep overlapping error bars apart.
         shift = 0.012 * (i - (n_methods - 1) / 2)
         x = np.array([pt["fraction"] for pt in points]) + shift
@@ -747,17 +751,13 @@ def _curve_plot(result: Mapping[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Learning curve (validation and test sets fixed)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _write_html(
     result: Mapping[str, Any], tests: Mapping[str, _Predictions], out_dir: Path
 ) -> Path:
-    import datetime as _dt
-
-    from momkd import __version__
     from momkd._io import atomic_write_text
-    from momkd.report import _CSS, _e, _img
 
     png = out_dir / "comparison"
     png.mkdir(parents=True, exist_ok=True)
@@ -773,15 +773,19 @@ def _write_html(
         std = (m.get("std") or {}).get("auc")
         ext = (m.get("external") or {}).get("ensemble_auc")
         rows.append(
-            f"<tr><td>{_e(name)}</td><td>{_e(Path(m['run_dir']).name)}</td>"
-            f"<td>{_f3(mean)} ± {_f3(std)}</td><td>{_e(_with_ci(m.get('pooled_auc')))}</td>"
-            f"<td>{_e(_with_ci((m.get('patient') or {}).get('pooled_auc')))}</td>"
-            f"<td>{_e(_with_ci(ext))}</td><td>{m['n_test']} ({m['n_pos']})</td></tr>"
+            f"<tr><td>{escape(name)}</td><td>{escape(Path(m['run_dir']).name)}</td>"
+            f"<td>{_f3(mean)} ± {_f3(std)}</td><td>{escape(_with_ci(m.get('pooled_auc')))}</td>"
+            f"<td>{escape(_with_ci((m.get('patient') or {}).get('pooled_auc')))}</td>"
+            f"<td>{escape(_with_ci(ext))}</td><td>{m['n_test']} ({m['n_pos']})</td></tr>"
         )
     body.append(
-        "<section id='methods'><h2>Methods</h2><table>" + head + "".join(rows) + "</table>"
-        f"<p class='note'>CIs: stratified percentile bootstrap, {result['resamples']} resamples, "
-        f"seed {result['seed']}. Pooled: all folds' test predictions together.</p></section>"
+        section(
+            "methods",
+            "Methods",
+            "<table>" + head + "".join(rows) + "</table>"
+            f"<p class='note'>CIs: stratified percentile bootstrap, {result['resamples']} resamples, "
+            f"seed {result['seed']}. Pooled: all folds' test predictions together.</p>",
+        )
     )
     pair_rows = []
     for key, level in (
@@ -791,7 +795,7 @@ def _write_html(
     ):
         for pr in result.get(key) or []:
             pair_rows.append(
-                f"<tr><td>{_e(pr['a'])} − {_e(pr['b'])}</td><td>{_e(level)}</td>"
+                f"<tr><td>{escape(pr['a'])} − {escape(pr['b'])}</td><td>{escape(level)}</td>"
                 f"<td>{pr['n']}</td><td>{_f3(pr['auc_a'])}</td><td>{_f3(pr['auc_b'])}</td>"
                 f"<td>{pr['auc_diff']:+.3f}</td><td>{_f3(pr.get('ci_low'))}, "
                 f"{_f3(pr.get('ci_high'))}</td><td>{_p(pr.get('p_value'))}</td>"
@@ -800,20 +804,23 @@ def _write_html(
     if pair_rows:
         forest = _forest_plot(result, png / "forest.png")
         body.append(
-            "<section id='paired'><h2>Paired differences</h2><table><tr><th>a − b</th>"
-            "<th>level</th><th>n</th><th>AUC a</th><th>AUC b</th><th>difference</th>"
-            "<th>95% CI (paired bootstrap)</th><th>p (DeLong)</th><th>p (bootstrap)</th></tr>"
-            + "".join(pair_rows)
-            + "</table>"
-            + _img(forest, "AUC differences with 95% paired bootstrap CIs")
-            + "</section>"
+            section(
+                "paired",
+                "Paired differences",
+                "<table><tr><th>a − b</th>"
+                "<th>level</th><th>n</th><th>AUC a</th><th>AUC b</th><th>difference</th>"
+                "<th>95% CI (paired bootstrap)</th><th>p (DeLong)</th><th>p (bootstrap)</th></tr>"
+                + "".join(pair_rows)
+                + "</table>"
+                + figure_html(forest, "AUC differences with 95% paired bootstrap CIs"),
+            )
         )
     roc = _roc_overlay(tests, png / "roc.png")
     if roc is not None:
         body.append(
-            "<section id='roc'><h2>ROC overlay</h2>"
-            + _img(roc, "Pooled test predictions of every method")
-            + "</section>"
+            section(
+                "roc", "ROC overlay", figure_html(roc, "Pooled test predictions of every method")
+            )
         )
     lc = result.get("learning_curve")
     if lc:
@@ -823,7 +830,7 @@ def _write_html(
         for name, points in lc["methods"].items():
             by_f = {pt["fraction"]: pt for pt in points}
             cells = "".join(
-                f"<td>{_e(_with_ci(by_f[f]['pooled_auc']))}"
+                f"<td>{escape(_with_ci(by_f[f]['pooled_auc']))}"
                 + (
                     f"<br><span class='note'>{by_f[f]['n_train']:.0f} training slides</span>"
                     if by_f.get(f) and by_f[f].get("n_train") is not None
@@ -834,24 +841,24 @@ def _write_html(
                 else "<td></td>"
                 for f in lc["fractions"]
             )
-            lrows.append(f"<tr><td>{_e(name)}</td>{cells}</tr>")
+            lrows.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
         body.append(
-            "<section id='curve'><h2>Learning curve</h2><table><tr><th>method</th>"
-            + cols
-            + "</tr>"
-            + "".join(lrows)
-            + "</table>"
-            + _img(fig, "Pooled test AUC against the share of training patients")
-            + "</section>"
+            section(
+                "curve",
+                "Learning curve",
+                "<table><tr><th>method</th>"
+                + cols
+                + "</tr>"
+                + "".join(lrows)
+                + "</table>"
+                + figure_html(fig, "Pooled test AUC against the share of training patients"),
+            )
         )
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>momkd comparison</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>momkd method comparison</h1><p>{len(result['methods'])} methods on "
-        f"identical splits · generated {stamp} by momkd {_e(__version__)}</p></header><main>"
-        + "".join(body)
-        + "</main></body></html>"
+    page = html_page(
+        "momkd comparison",
+        "momkd method comparison",
+        f"{len(result['methods'])} methods on identical splits · ",
+        body,
     )
     path = out_dir / "comparison.html"
     atomic_write_text(path, page)

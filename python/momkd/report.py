@@ -20,13 +20,9 @@ PNG, no external assets — plus the same figures as PNG files in ``report/``:
 
 from __future__ import annotations
 
-import base64
 import csv
-import datetime as _dt
-import html
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,6 +33,19 @@ import numpy as np
 
 from momkd._io import atomic_write_text
 from momkd.errors import DataError, MomkdError
+from momkd.htmlkit import (
+    COLOURS,
+    as_number,
+    escape,
+    figure_html,
+    fmt_number,
+    html_page,
+    kv_table,
+    new_figure,
+    roc_pr_figure,
+    save_figure,
+    section,
+)
 
 __all__ = [
     "METRIC_LABELS",
@@ -70,19 +79,6 @@ THRESHOLD_LABELS: dict[str, str] = {
     "thr_sensitivity": "Sensitivity",
     "thr_specificity": "Specificity",
 }
-
-_FOLD_COLOURS = [
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-]
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -177,12 +173,6 @@ def _history(path: Path) -> list[Mapping[str, Any]]:
     return [r for r in data if isinstance(r, Mapping)] if isinstance(data, list) else []
 
 
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v)
-
-
 # ------------------------------------------------------------------------------- calibration
 
 
@@ -227,69 +217,6 @@ def expected_calibration_error(y: Any, p: Any, n_bins: int = 10) -> float:
 # ----------------------------------------------------------------------------------- figures
 
 
-def _new_figure(w: float, h: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def _roc_pr_figure(
-    preds: Mapping[str, dict[str, np.ndarray]], path: Path, title: str
-) -> Path | None:
-    from sklearn.metrics import auc as sk_auc
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
-
-    usable = {k: d for k, d in preds.items() if len(set(d["label"][d["label"] >= 0].tolist())) == 2}
-    if not usable:
-        return None
-    fig = _new_figure(11, 4.8)
-    ax_roc, ax_pr = fig.subplots(1, 2)
-    prevalences = []
-    for i, (name, d) in enumerate(usable.items()):
-        ok = d["label"] >= 0
-        y, p = d["label"][ok], d["prob"][ok]
-        colour = _FOLD_COLOURS[i % len(_FOLD_COLOURS)]
-        fpr, tpr, _ = roc_curve(y, p)
-        ax_roc.plot(fpr, tpr, color=colour, lw=1.6, label=f"{name} (AUC {sk_auc(fpr, tpr):.3f})")
-        prec, rec, _ = precision_recall_curve(y, p)
-        ax_pr.step(
-            rec,
-            prec,
-            where="post",
-            color=colour,
-            lw=1.6,
-            label=f"{name} (AP {average_precision_score(y, p):.3f})",
-        )
-        prevalences.append(float(y.mean()))
-    ax_roc.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
-    ax_roc.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
-        title="ROC",
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.01),
-    )
-    ax_pr.axhline(float(np.mean(prevalences)), color="0.6", ls="--", lw=1, label="prevalence")
-    ax_pr.set(
-        xlabel="recall",
-        ylabel="precision",
-        title="Precision-recall",
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.02),
-    )
-    for ax in (ax_roc, ax_pr):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
-    fig.suptitle(title)
-    return _save(fig, path)
-
-
 def _calibration_figure(preds: Mapping[str, dict[str, np.ndarray]], path: Path) -> Path | None:
     ys, ps = [], []
     for d in preds.values():
@@ -299,7 +226,7 @@ def _calibration_figure(preds: Mapping[str, dict[str, np.ndarray]], path: Path) 
     if not ys or sum(len(y) for y in ys) == 0:
         return None
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
-    fig = _new_figure(6.5, 6.5)
+    fig = new_figure(6.5, 6.5)
     ax, ax_h = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
     for i, (name, y, p) in enumerate(zip(preds, ys, ps, strict=True)):
@@ -312,7 +239,7 @@ def _calibration_figure(preds: Mapping[str, dict[str, np.ndarray]], path: Path) 
                 ms=3,
                 lw=0.8,
                 alpha=0.55,
-                color=_FOLD_COLOURS[i % len(_FOLD_COLOURS)],
+                color=COLOURS[i % len(COLOURS)],
                 label=name,
             )
     mp, fp, _ = calibration_bins(y_all, p_all, 10)
@@ -336,7 +263,7 @@ def _calibration_figure(preds: Mapping[str, dict[str, np.ndarray]], path: Path) 
     )
     ax_h.set(xlabel="predicted probability (positive class)", ylabel="slides")
     ax_h.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _flatten(rec: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -348,7 +275,7 @@ def _flatten(rec: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
                 continue
             out.update(_flatten(value, f"{name}."))
         else:
-            v = _num(value)
+            v = as_number(value)
             if v is not None:
                 out[name] = v
     return out
@@ -415,7 +342,7 @@ def _training_figure(history: Sequence[Mapping[str, Any]], path: Path, title: st
     groups = _curve_groups(history)
     if not any(groups.values()):
         return None
-    fig = _new_figure(11, 7.5)
+    fig = new_figure(11, 7.5)
     axes = fig.subplots(2, 2).ravel()
     spec = [
         ("loss", "Loss terms", "loss"),
@@ -449,55 +376,18 @@ def _training_figure(history: Sequence[Mapping[str, Any]], path: Path, title: st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(keys) > 4 else 1)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -------------------------------------------------------------------------------------- HTML
 
 
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1d2433;
-background:#f6f7f9;line-height:1.45}
-header{background:#1d2b44;color:#fff;padding:18px 32px}
-header h1{margin:0;font-size:1.5em}header p{margin:4px 0 0;color:#c9d3e6;font-size:.9em}
-nav{padding:8px 32px;background:#e8ecf3;font-size:.9em}nav a{margin-right:14px;color:#1d4f91}
-main{padding:8px 32px 40px;max-width:1250px}
-section{background:#fff;border:1px solid #dde2ea;border-radius:6px;padding:10px 20px 18px;
-margin:18px 0}
-h2{font-size:1.2em;border-bottom:2px solid #e2e7ef;padding-bottom:4px}
-h3{font-size:1.02em;margin-bottom:6px}
-table{border-collapse:collapse;margin:8px 0 12px;font-size:.88em}
-th,td{border:1px solid #d5dbe5;padding:4px 9px;text-align:right}
-th{background:#eef2f8}td:first-child,th:first-child{text-align:left}
-tr.agg td{background:#f3f7ee;font-weight:600}tr.ens td{background:#fdf5e6;font-weight:600}
-pre{background:#f4f5f7;border:1px solid #e1e4e8;padding:10px;overflow-x:auto;font-size:.82em}
-details summary{cursor:pointer;color:#1d4f91;font-weight:600}
-figure{margin:10px 0}figure img{max-width:100%;border:1px solid #e4e7ec}
-figcaption{font-size:.85em;color:#555}.note{color:#666;font-size:.9em}
-"""
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _fmt(v: Any) -> str:
-    f = _num(v)
-    if f is None:
-        return "" if v is None else _e(v)
-    if math.isnan(f):
-        return "n/a"
-    if isinstance(v, int):
-        return str(v)
-    return f"{f:.4f}"
-
-
 def _cell(v: Any, fold: str, metric: str, table: str) -> str:
-    f = _num(v)
-    data = "" if f is None else f' data-value="{_e(repr(f))}"'
+    f = as_number(v)
+    data = "" if f is None else f' data-value="{escape(repr(f))}"'
     return (
-        f'<td data-table="{_e(table)}" data-fold="{_e(fold)}" data-metric="{_e(metric)}"{data}>'
-        f"{_fmt(v)}</td>"
+        f'<td data-table="{escape(table)}" data-fold="{escape(fold)}" data-metric="{escape(metric)}"{data}>'
+        f"{fmt_number(v)}</td>"
     )
 
 
@@ -512,56 +402,32 @@ def _metric_table(
     present = [k for k in labels if any(k in r for _, r in rows) or (mean and k in mean)]
     if not present:
         return '<p class="note">no metrics recorded</p>'
-    out = [f'<table class="metrics" data-table="{_e(table)}"><thead><tr><th>fold</th>']
-    out += [f"<th>{_e(labels[k])}</th>" for k in present]
+    out = [f'<table class="metrics" data-table="{escape(table)}"><thead><tr><th>fold</th>']
+    out += [f"<th>{escape(labels[k])}</th>" for k in present]
     out.append("</tr></thead><tbody>")
     for name, r in rows:
-        out.append(f"<tr><td>{_e(name)}</td>")
+        out.append(f"<tr><td>{escape(name)}</td>")
         out += [_cell(r.get(k), name, k, table) for k in present]
         out.append("</tr>")
     if mean:
         out.append('<tr class="agg"><td>mean ± std</td>')
         for k in present:
-            m = _num(mean.get(k))
-            s = _num((std or {}).get(k))
-            text = _fmt(m) + ("" if s is None else f" ± {_fmt(s)}")
-            attrs = "" if m is None else f' data-value="{_e(repr(m))}"'
-            attrs += "" if s is None else f' data-std="{_e(repr(s))}"'
+            m = as_number(mean.get(k))
+            s = as_number((std or {}).get(k))
+            text = fmt_number(m) + ("" if s is None else f" ± {fmt_number(s)}")
+            attrs = "" if m is None else f' data-value="{escape(repr(m))}"'
+            attrs += "" if s is None else f' data-std="{escape(repr(s))}"'
             out.append(
-                f'<td data-table="{_e(table)}" data-fold="mean" data-metric="{_e(k)}"{attrs}>'
+                f'<td data-table="{escape(table)}" data-fold="mean" data-metric="{escape(k)}"{attrs}>'
                 f"{text}</td>"
             )
         out.append("</tr>")
     for name, r, css in extra:
-        out.append(f'<tr class="{_e(css)}"><td>{_e(name)}</td>')
+        out.append(f'<tr class="{escape(css)}"><td>{escape(name)}</td>')
         out += [_cell(r.get(k), name, k, table) for k in present]
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
-
-
-def _kv_table(data: Mapping[str, Any]) -> str:
-    rows = []
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            inner = _kv_table(value) if value else '<span class="note">none</span>'
-            rows.append(f"<tr><th>{_e(key)}</th><td style='text-align:left'>{inner}</td></tr>")
-        elif isinstance(value, list):
-            text = ", ".join(_e(v) for v in value[:50]) + (" …" if len(value) > 50 else "")
-            rows.append(f"<tr><th>{_e(key)}</th><td style='text-align:left'>{text}</td></tr>")
-        else:
-            rows.append(f"<tr><th>{_e(key)}</th><td>{_fmt(value)}</td></tr>")
-    return '<table class="kv">' + "".join(rows) + "</table>"
-
-
-def _img(path: Path | None, caption: str) -> str:
-    if path is None:
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (
-        f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
-    )
 
 
 def _fold_name(entry: Mapping[str, Any], i: int) -> str:
@@ -631,10 +497,10 @@ def _pooled_section(summary: Mapping[str, Any]) -> str:
         low = high = None
         if isinstance(ci, Mapping) and isinstance(ci.get("auc"), list) and len(ci["auc"]) == 2:
             low, high = ci["auc"]
-        m, sd = _num((mean or {}).get("auc")), _num((std or {}).get("auc"))
-        spread = "" if m is None else _fmt(m) + ("" if sd is None else f" ± {_fmt(sd)}")
+        m, sd = as_number((mean or {}).get("auc")), as_number((std or {}).get("auc"))
+        spread = "" if m is None else fmt_number(m) + ("" if sd is None else f" ± {fmt_number(sd)}")
         rows.append(
-            f"<tr><td>{_e(name)}</td>"
+            f"<tr><td>{escape(name)}</td>"
             + "".join(
                 _cell(v, name, k, "pooled")
                 for k, v in (
@@ -679,7 +545,7 @@ def _pooled_section(summary: Mapping[str, Any]) -> str:
         "<th>pooled AUPRC</th></tr></thead><tbody>",
         *rows,
         "</tbody></table>",
-        f'<p class="note">{_e(note)} Pooled: all folds\' test predictions ranked together. '
+        f'<p class="note">{escape(note)} Pooled: all folds\' test predictions ranked together. '
         "Patient level: the mean slide probability of each patient.</p>",
     ]
     folds = patient.get("folds")
@@ -736,7 +602,7 @@ def _eval_sections(run: Path, out_png: Path) -> list[tuple[str, str]]:
             if k in data
         }
         if info:
-            body.insert(0, _kv_table(info))
+            body.insert(0, kv_table(info))
         pred_path = d / "predictions.csv"
         if pred_path.is_file():
             try:
@@ -745,13 +611,13 @@ def _eval_sections(run: Path, out_png: Path) -> list[tuple[str, str]]:
                 logger.warning("report: %s", exc)
                 preds = {}
             fig = (
-                _roc_pr_figure(
+                roc_pr_figure(
                     preds, out_png / f"{d.name}_roc_pr.png", f"ROC and precision-recall: {d.name}"
                 )
                 if preds
                 else None
             )
-            body.append(_img(fig, f"ROC and precision-recall curves, {d.name}"))
+            body.append(figure_html(fig, f"ROC and precision-recall curves, {d.name}"))
         sections.append((d.name, "".join(body)))
     return sections
 
@@ -808,7 +674,7 @@ def write_report(
                 "Configuration",
                 (
                     "<details><summary>resolved config.yaml</summary>"
-                    f"<pre>{_e(cfg_path.read_text())}</pre></details>"
+                    f"<pre>{escape(cfg_path.read_text())}</pre></details>"
                 ),
             )
         )
@@ -816,7 +682,7 @@ def write_report(
     # data
     data = summary.get("data")
     if isinstance(data, Mapping) and data:
-        sections.append(("data", "Data", _kv_table(data)))
+        sections.append(("data", "Data", kv_table(data)))
 
     # metrics
     if folds:
@@ -848,16 +714,14 @@ def write_report(
         if path.is_file():
             preds[f"fold {k}"] = read_predictions(path)
     if preds:
-        roc = _roc_pr_figure(
-            preds, png_dir / "roc_pr.png", "Test ROC and precision-recall per fold"
-        )
+        roc = roc_pr_figure(preds, png_dir / "roc_pr.png", "Test ROC and precision-recall per fold")
         cal = _calibration_figure(preds, png_dir / "calibration.png")
-        curves = _img(roc, "ROC and precision-recall curves per fold (test predictions)")
+        curves = figure_html(roc, "ROC and precision-recall curves per fold (test predictions)")
         if cal is not None:
             y = np.concatenate([d["label"][d["label"] >= 0] for d in preds.values()])
             p = np.concatenate([d["prob"][d["label"] >= 0] for d in preds.values()])
-            curves += _img(cal, "Reliability diagram of the pooled test predictions")
-            curves += _kv_table(
+            curves += figure_html(cal, "Reliability diagram of the pooled test predictions")
+            curves += kv_table(
                 {
                     "slides": int(y.size),
                     "Brier score": float(np.mean((p - y) ** 2)),
@@ -875,14 +739,14 @@ def write_report(
             continue
         history = _history(hpath)
         fig = _training_figure(history, png_dir / f"training_fold_{k}.png", f"Training, fold {k}")
-        train_body.append(_img(fig, f"Training curves, fold {k}"))
+        train_body.append(figure_html(fig, f"Training curves, fold {k}"))
         from momkd.explain.dynamics import memory_history, plot_memory_dynamics
 
         if memory_history(history):
             mfig = plot_memory_dynamics(
                 history, png_dir / f"memory_fold_{k}.png", title=f"Memory dynamics, fold {k}"
             )
-            mem_body.append(_img(mfig, f"Memory usage on validation slides, fold {k}"))
+            mem_body.append(figure_html(mfig, f"Memory usage on validation slides, fold {k}"))
     if any(train_body):
         sections.append(("training", "Training curves", "".join(train_body)))
     if mem_body:
@@ -899,12 +763,12 @@ def write_report(
                 ext_preds[f"fold {k}"] = read_predictions(d / "external_predictions.csv")
         ext_preds = {k: v for k, v in ext_preds.items() if np.all(v["label"] >= 0)}
     if ext_preds:
-        fig = _roc_pr_figure(
+        fig = roc_pr_figure(
             ext_preds,
             png_dir / "external_roc_pr.png",
             "External cohort ROC and precision-recall per fold",
         )
-        ext_html += _img(fig, "External cohort ROC and precision-recall curves")
+        ext_html += figure_html(fig, "External cohort ROC and precision-recall curves")
     if ext_html:
         sections.append(("external", "External cohort", ext_html))
 
@@ -913,44 +777,38 @@ def write_report(
 
     timing = summary.get("timing")
     if isinstance(timing, Mapping) and timing:
-        sections.append(("timing", "Timing", _kv_table(timing)))
-
-    from momkd import __version__
+        sections.append(("timing", "Timing", kv_table(timing)))
 
     method = ""
     if cfg_path.is_file():
         m = re.search(r"^\s*method:\s*(\S+)", cfg_path.read_text(), flags=re.MULTILINE)
         method = m.group(1) if m else ""
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     headline = ""
     mean_t = _split_mean(summary.get("mean"), "test")
-    if _num(mean_t.get("auc")) is not None:
-        s = _num(_split_mean(summary.get("std"), "test").get("auc"))
-        headline = f" — test AUC {_fmt(mean_t['auc'])}" + ("" if s is None else f" ± {_fmt(s)}")
+    if as_number(mean_t.get("auc")) is not None:
+        s = as_number(_split_mean(summary.get("std"), "test").get("auc"))
+        headline = f" — test AUC {fmt_number(mean_t['auc'])}" + (
+            "" if s is None else f" ± {fmt_number(s)}"
+        )
         ci = summary.get("ci")
         pooled = summary.get("pooled")
         if isinstance(ci, Mapping) and isinstance(pooled, Mapping) and ci.get("auc"):
             low, high = ci["auc"]
-            headline += f", pooled {_fmt(pooled.get('auc'))} (95% CI {_fmt(low)}–{_fmt(high)})"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>momkd report: {_e(run.name)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>momkd run report: {_e(run.name)}</h1>",
-        (
-            f"<p>{_e(method) + ' · ' if method else ''}{len(fold_dirs)} fold(s){_e(headline)} · "
-            f"generated {stamp} by momkd {_e(__version__)}</p></header>"
-        ),
-        "<nav>" + "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections) + "</nav>",
-        "<main>",
-    ]
-    if not sections:
-        parts.append('<section><p class="note">nothing to report yet</p></section>')
-    for anchor, title, body in sections:
-        parts.append(f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>{body}</section>')
-    parts.append("</main></body></html>")
+            headline += f", pooled {fmt_number(pooled.get('auc'))} (95% CI {fmt_number(low)}–{fmt_number(high)})"
+    subtitle = (
+        f"{escape(method) + ' · ' if method else ''}{len(fold_dirs)} fold(s){escape(headline)} · "
+    )
+    body = [section(anchor, title, text) for anchor, title, text in sections]
+    if not body:
+        body = ['<section><p class="note">nothing to report yet</p></section>']
+    page = html_page(
+        f"momkd report: {run.name}",
+        f"momkd run report: {run.name}",
+        subtitle,
+        body,
+        nav=[(anchor, title) for anchor, title, _ in sections],
+    )
     out_html = out_dir / "report.html"
-    atomic_write_text(out_html, "\n".join(parts))
+    atomic_write_text(out_html, page)
     logger.info("wrote run report %s", out_html)
     return out_html

@@ -732,7 +732,7 @@ def _write_cohort(
     bar: Any,
 ) -> dict[str, Any]:
     """Stream one cohort's slides into ``<name>.zarr``; return per-patient histology sums."""
-    from momkd.data.store import StoreWriter
+    from momkd.data.store_writer import StoreWriter
 
     cohort = "external" if name == "external" else "internal"
     ckey = _COHORT_KEYS[cohort]

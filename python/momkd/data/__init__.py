@@ -6,7 +6,8 @@ from __future__ import annotations
 from momkd.data.info import describe, format_info
 from momkd.data.ingest import ingest
 from momkd.data.loader import Bag, BagLoader
-from momkd.data.store import CohortStore, SlideArrays, StoreWriter
+from momkd.data.store import CohortStore, SlideArrays
+from momkd.data.store_writer import StoreWriter
 
 __all__ = [
     "Bag",

@@ -21,7 +21,7 @@ patches that are neighbours in file order, not in the tissue, so training ``meth
 them warns. An interrupted ingest may be resumed with or without ``--no-coords``.
 
 Files are read, validated and converted to the storage dtype on a thread pool; the store is written
-in order on the calling thread. The store stays resumable throughout (see :mod:`momkd.data.store`):
+in order on the calling thread. The store stays resumable throughout (see :mod:`momkd.data.store_writer`):
 rerunning the same ingest on an interrupted output continues after the last committed slide.
 """
 
@@ -44,13 +44,12 @@ import numpy as np
 
 from momkd._io import dir_bytes
 from momkd.data.info import decoded_bytes
-from momkd.data.store import (
+from momkd.data.store import describe_error, read_header
+from momkd.data.store_writer import (
     FEATURE_DTYPES,
     StoreWriter,
     default_chunk_rows,
-    describe_error,
     prepare_bag,
-    read_header,
     shard_rows_for,
     validate_slide_id,
 )
@@ -432,7 +431,7 @@ def ingest(
     chunk_rows : int, optional
         Rows per chunk (default about 1.5 MiB per feature chunk; a resumed store keeps its own).
     codec : {"lz4", "zstd", "none"}
-        Feature compression (see :class:`~momkd.data.store.StoreWriter`).
+        Feature compression (see :class:`~momkd.data.store_writer.StoreWriter`).
     shard_mb : float, optional
         Write a sharded store (format version 1.1): ``features`` shards of about this many MiB
         (decoded; 64-256 suit HPC file systems and object stores), ``coords`` sharded alike.
