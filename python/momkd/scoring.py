@@ -1,0 +1,133 @@
+"""Metrics of predictions whatever the number of classes: one entry point per question, binary
+labels to :mod:`momkd.metrics` (unchanged), more classes to :mod:`momkd.multiclass_metrics`.
+
+Probabilities are ``(n,)`` positive-class probabilities for two classes and ``(n, C)`` class
+probabilities for more, as prediction CSVs hold them (``prob``, or one ``prob_<class>`` column per
+class). The headline ``auc`` is the binary AUC or the macro one-vs-rest AUC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from momkd.errors import DataError
+from momkd.metrics import (
+    binary_metrics,
+    bootstrap_auc_ci,
+    evaluate_with_threshold,
+    paired_auc_test,
+    patient_level,
+)
+from momkd.multiclass_metrics import (
+    bootstrap_macro_auc_ci,
+    multiclass_metrics,
+    paired_macro_auc_test,
+    predicted_class,
+)
+
+__all__ = [
+    "auc_ci",
+    "is_multiclass",
+    "metrics",
+    "metrics_at_threshold",
+    "paired_test",
+    "patient_means",
+    "predictions",
+    "prob_columns",
+]
+
+
+def is_multiclass(probs: Any) -> bool:
+    """Whether ``probs`` are ``(n, C)`` class probabilities rather than ``(n,)`` binary ones."""
+    return bool(np.ndim(probs) == 2)
+
+
+def prob_columns(class_names: Sequence[str]) -> list[str]:
+    """The probability columns of a C-class prediction CSV: ``prob_<class>`` in class order."""
+    return [f"prob_{c}" for c in class_names]
+
+
+def predictions(probs: Any, threshold: float = 0.5) -> np.ndarray:
+    """Predicted classes: ``p > threshold`` (binary) or the argmax (ties to the lower class)."""
+    if is_multiclass(probs):
+        return predicted_class(probs)
+    return (np.asarray(probs, dtype=np.float64) > threshold).astype(np.int64)
+
+
+def metrics(y: Any, probs: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """:func:`~momkd.metrics.binary_metrics` or :func:`~momkd.multiclass_metrics.
+    multiclass_metrics`."""
+    if is_multiclass(probs):
+        return multiclass_metrics(y, probs, class_names)
+    return binary_metrics(y, probs)
+
+
+def metrics_at_threshold(
+    y: Any, probs: Any, thr: float, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Binary: :func:`~momkd.metrics.evaluate_with_threshold` (argmax metrics plus ``thr_*`` at the
+    validation threshold). More classes have no threshold: their :func:`metrics`."""
+    if is_multiclass(probs):
+        return multiclass_metrics(y, probs, class_names)
+    return evaluate_with_threshold(y, probs, thr)
+
+
+def auc_ci(y: Any, probs: Any, n: int, seed: int) -> tuple[float, float]:
+    """Stratified percentile bootstrap 95% CI of the AUC (binary) or the macro AUC."""
+    if is_multiclass(probs):
+        return bootstrap_macro_auc_ci(y, probs, n=n, seed=seed)
+    return bootstrap_auc_ci(y, probs, n=n, seed=seed)
+
+
+def paired_test(y: Any, probs_a: Any, probs_b: Any, n: int, seed: int) -> dict[str, float]:
+    """Two methods on the same samples: DeLong plus a paired bootstrap (binary), or the paired
+    bootstrap of the macro AUC (more classes; its ``p_value`` is the bootstrap's)."""
+    if is_multiclass(probs_a):
+        return paired_macro_auc_test(y, probs_a, probs_b, n=n, seed=seed)
+    return paired_auc_test(y, probs_a, probs_b, n=n, seed=seed)
+
+
+def patient_means(
+    case_ids: Sequence[str], y: Any, probs: Any, slide_ids: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Slide probabilities averaged per patient (:func:`~momkd.metrics.patient_level` for two
+    classes; the same rule, column by column, for more).
+
+    Raises
+    ------
+    DataError
+        A patient whose slides have different labels (named).
+    """
+    if not is_multiclass(probs):
+        return patient_level(case_ids, y, probs, slide_ids=slide_ids)
+    p = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(y, dtype=np.int64)
+    cases = [str(c) or (str(slide_ids[i]) if slide_ids is not None else "") for i, c in
+             enumerate(case_ids)]
+    if any(not c for c in cases):
+        raise DataError("metrics: a row has an empty patient id and no slide id")
+    index: dict[str, int] = {}
+    inverse = np.array([index.setdefault(c, len(index)) for c in cases], dtype=np.int64)
+    k = len(index)
+    counts = np.bincount(inverse, minlength=k).astype(np.float64)
+    sums = np.zeros((k, p.shape[1]))
+    np.add.at(sums, inverse, p)
+    first = np.full(k, -1, dtype=np.int64)
+    for i, j in enumerate(inverse.tolist()):
+        if first[j] < 0:
+            first[j] = labels[i]
+        elif first[j] != labels[i]:
+            raise DataError(
+                f"metrics: patient '{list(index)[j]}' has slides with different labels"
+            )
+    return list(index), first, sums / counts[:, None]
+
+
+def macro_auc(y: Any, probs: Any) -> float:
+    """The headline AUC of :func:`metrics` alone (NaN when undefined)."""
+    value = metrics(y, probs).get("auc", math.nan)
+    return float(value)
