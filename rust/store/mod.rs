@@ -4,8 +4,10 @@
 //! `zarr.json` documents, then opens the three arrays with `zarrs`. Reading a bag walks the chunks
 //! covering its rows, decodes them in parallel on the caller's rayon pool, and converts/checks the
 //! values in the same pass, so that every failure names the store, the slide and the chunk key.
-//! The inner chunks of a sharded array are read by [`crate::shard`], which checks them exactly as
+//! The inner chunks of a sharded array are read by [`shard`], which checks them exactly as
 //! unsharded chunks are checked.
+
+mod shard;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +24,8 @@ use crate::convert::{
     f16_copy_checked, f16_to_f32_checked, f32_copy_checked, f32_to_f16_into_checked,
 };
 use crate::error::{one_line, Error, Result};
-use crate::shard::{ShardError, ShardedArray};
 use crate::subsample::bag_rows;
+use shard::{ShardError, ShardedArray};
 
 /// The store format this reader implements.
 pub const FORMAT_NAME: &str = "momkd-cohort";
