@@ -14,7 +14,8 @@ use zarrs::array::{Array, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::metadata_ext::codec::sharding::ShardingCodecConfigurationV1;
 
-use super::{CohortStore, CoordDtype, FeatureDtype, RowArray};
+use super::read::RowArray;
+use super::{CohortStore, CoordDtype, FeatureDtype};
 use crate::error::{one_line, Error, Result};
 
 /// The store format this reader implements.
