@@ -7,7 +7,6 @@ pub mod convert;
 pub mod error;
 pub mod knn;
 pub mod loader;
-mod shard;
 pub mod store;
 pub mod subsample;
 
