@@ -166,10 +166,17 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, float]:
-    """Slide id -> probability from a prediction CSV written by the training loop."""
+def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, Any]:
+    """Slide id -> probability from a prediction CSV written by the training loop; for a
+    multi-class file (``prob_<class>`` columns, no ``prob``), slide id -> list of class
+    probabilities."""
     with open(path, encoding="utf-8", newline="") as fh:
-        return {row["slide_id"]: float(row[column]) for row in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        if column == "prob" and column not in header:
+            cols = [c for c in header if c.startswith("prob_") and not c.startswith("prob_fold")]
+            return {row["slide_id"]: [float(row[c]) for c in cols] for row in reader}
+        return {row["slide_id"]: float(row[column]) for row in reader}
 
 
 def metrics_from_json(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -106,8 +106,10 @@ def patient_means(
         return patient_level(case_ids, y, probs, slide_ids=slide_ids)
     p = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(y, dtype=np.int64)
-    cases = [str(c) or (str(slide_ids[i]) if slide_ids is not None else "") for i, c in
-             enumerate(case_ids)]
+    cases = [
+        str(c) or (str(slide_ids[i]) if slide_ids is not None else "")
+        for i, c in enumerate(case_ids)
+    ]
     if any(not c for c in cases):
         raise DataError("metrics: a row has an empty patient id and no slide id")
     index: dict[str, int] = {}
@@ -121,9 +123,7 @@ def patient_means(
         if first[j] < 0:
             first[j] = labels[i]
         elif first[j] != labels[i]:
-            raise DataError(
-                f"metrics: patient '{list(index)[j]}' has slides with different labels"
-            )
+            raise DataError(f"metrics: patient '{list(index)[j]}' has slides with different labels")
     return list(index), first, sums / counts[:, None]
 
 

@@ -13,20 +13,31 @@ from torch import nn
 from momkd._io import write_csv
 from momkd.config import RunConfig
 from momkd.data.store import CohortStore
-from momkd.metrics import (
-    best_f1_threshold,
-    binary_metrics,
-    bootstrap_auc_ci,
-    evaluate_with_threshold,
+from momkd.metrics import best_f1_threshold
+from momkd.scoring import (
+    auc_ci,
+    is_multiclass,
+    metrics,
+    metrics_at_threshold,
+    predictions,
+    prob_columns,
 )
 from momkd.train.distributed import Dist
 from momkd.train.fold_data import FoldData
 from momkd.train.inference import InferenceResult, run_inference
 
-__all__ = ["PREDICTION_HEADER", "evaluate_fold", "prediction_rows"]
+__all__ = ["PREDICTION_HEADER", "evaluate_fold", "prediction_header", "prediction_rows"]
 
-#: The leading columns of every prediction CSV (``pred_thr`` and ``slides`` may follow).
+#: The leading columns of every binary prediction CSV (``pred_thr`` and ``slides`` may follow).
 PREDICTION_HEADER = ["slide_id", "case_id", "label", "prob", "pred"]
+
+
+def prediction_header(class_names: Sequence[str] | None = None) -> list[str]:
+    """The leading columns of a prediction CSV: :data:`PREDICTION_HEADER` for two classes, one
+    ``prob_<class>`` column per class (and the argmax ``pred``) for more."""
+    if class_names is None or len(class_names) <= 2:
+        return list(PREDICTION_HEADER)
+    return ["slide_id", "case_id", "label", *prob_columns(class_names), "pred"]
 
 
 def prediction_rows(
@@ -36,8 +47,19 @@ def prediction_rows(
     thr: float | None,
     members: Mapping[str, Sequence[str]] | None = None,
 ) -> list[list[Any]]:
-    """One CSV row per predicted unit: id, patient, label (empty without labels), probability,
-    prediction at 0.5, at ``thr`` (when given) and the unit's slides (patient bags)."""
+    """One CSV row per predicted unit: id, patient, label (empty without labels), probability (one
+    per class for more than two), prediction (at 0.5, or the argmax), at ``thr`` (when given) and
+    the unit's slides (patient bags)."""
+    if is_multiclass(res.probs):
+        pred = predictions(res.probs).tolist()
+        rows = []
+        for i, s in enumerate(res.slide_ids):
+            row = [s, cases.get(s, ""), "" if labels is None else labels[s]]
+            row += [*res.probs[i].tolist(), pred[i]]
+            if members is not None:
+                row.append(";".join(members[s]))
+            rows.append(row)
+        return rows
     rows = []
     for s, p in zip(res.slide_ids, res.probs.tolist(), strict=True):
         row: list[Any] = [
@@ -96,7 +118,10 @@ def evaluate_fold(
     main = dist.is_main
     d = data
     kw = dict(inference)
-    header = PREDICTION_HEADER
+    names = cfg.class_names
+    multi = cfg.n_classes > 2
+    header = prediction_header(names)
+    thr_col = [] if multi else ["pred_thr"]
     members = d.members
     slides_col = ["slides"] if members is not None else []
     result: dict[str, Any] = {
@@ -123,8 +148,9 @@ def evaluate_fold(
         )
     if d.val and main:
         y_val = np.array([d.labels[s] for s in d.val])
-        thr = best_f1_threshold(y_val, val.probs)
-        result["val"] = binary_metrics(y_val, val.probs)
+        if not multi:
+            thr = best_f1_threshold(y_val, val.probs)
+        result["val"] = metrics(y_val, val.probs, names)
         result["val"]["loss"] = val.loss
         write_csv(
             fold_dir / "val_predictions.csv",
@@ -133,7 +159,8 @@ def evaluate_fold(
         )
     elif main:
         result["val"] = {}
-    result["threshold"] = thr
+    # More than two classes: the prediction is the argmax, there is no threshold to choose.
+    result["threshold"] = None if multi else thr
     test = run_inference(
         model,
         store,
@@ -158,23 +185,23 @@ def evaluate_fold(
     if not main:
         return {}
     y_test = np.array([d.labels[s] for s in d.test])
-    result["test"] = evaluate_with_threshold(y_test, test.probs, thr)
+    result["test"] = metrics_at_threshold(y_test, test.probs, thr, names)
     if cfg.train.bootstrap > 0:
-        lo, hi = bootstrap_auc_ci(y_test, test.probs, n=cfg.train.bootstrap, seed=seed)
+        lo, hi = auc_ci(y_test, test.probs, n=cfg.train.bootstrap, seed=seed)
         result["test"]["auc_ci_low"], result["test"]["auc_ci_high"] = lo, hi
     write_csv(
         fold_dir / "test_predictions.csv",
-        header + ["pred_thr"] + slides_col,
-        prediction_rows(test, d.labels, d.cases, thr, members),
+        header + thr_col + slides_col,
+        prediction_rows(test, d.labels, d.cases, None if multi else thr, members),
     )
     if d.external is not None:
         assert ext is not None
         write_csv(
             fold_dir / "external_predictions.csv",
-            header + ["pred_thr"] + (["slides"] if ext_members is not None else []),
-            prediction_rows(ext, ext_labels, ext_cases, thr, ext_members),
+            header + thr_col + (["slides"] if ext_members is not None else []),
+            prediction_rows(ext, ext_labels, ext_cases, None if multi else thr, ext_members),
         )
         if ext_labels is not None:
             y_ext = np.array([ext_labels[s] for s in ext_ids])
-            result["external"] = evaluate_with_threshold(y_ext, ext.probs, thr)
+            result["external"] = metrics_at_threshold(y_ext, ext.probs, thr, names)
     return result

@@ -33,7 +33,8 @@ class InferenceResult:
     ----------
     slide_ids : list[str]
     probs : np.ndarray
-        (n,) float64 positive-class probabilities.
+        (n,) float64 positive-class probabilities for two classes; (n, C) class probabilities for
+        more.
     loss : float | None
         Mean cross-entropy when labels were given.
     usage : dict | None
@@ -118,10 +119,14 @@ def run_inference(
     all_ids = list(slide_ids)
     d = dist if dist is not None else Dist()
     ids = shard(all_ids, d)
-    probs = np.zeros(len(ids), dtype=np.float64)
+    n_classes = int(getattr(getattr(model, "cfg", None), "n_classes", 2) or 2)
+    multi = n_classes > 2
+    probs = np.zeros((len(ids), n_classes) if multi else len(ids), dtype=np.float64)
     ces = np.zeros(len(ids), dtype=np.float64)
     k = int(getattr(getattr(model, "cfg", None), "memory_k", 0) or 0)
-    counts = {"pos": np.zeros(k, dtype=np.int64), "neg": np.zeros(k, dtype=np.int64)}
+    # One memory per class: C+ and C- ("pos", "neg") for two classes, "c<i>" for more.
+    names = [f"c{c}" for c in range(n_classes)] if multi else ["pos", "neg"]
+    counts = {name: np.zeros(k, dtype=np.int64) for name in names}
     graph = uses_graph(method)
     try:
         if ids:
@@ -141,12 +146,16 @@ def run_inference(
                 feats, edges, _ = collate([bag], device, graph=graph)
                 out = model(feats, edges)
                 logits = out.logits.float()
-                probs[i] = float(torch.softmax(logits[0], dim=-1)[1])
+                if multi:
+                    probs[i] = torch.softmax(logits[0], dim=-1).double().cpu().numpy()
+                else:
+                    probs[i] = float(torch.softmax(logits[0], dim=-1)[1])
                 if labels is not None:
                     y = torch.tensor([labels[bag.slide_id]], device=logits.device)
                     ces[i] = float(F.cross_entropy(logits, y))
                 if collect_usage:
-                    for name, assign in (("pos", out.assign_pos), ("neg", out.assign_neg)):
+                    assigns = out.assign if multi else (out.assign_pos, out.assign_neg)
+                    for name, assign in zip(names, assigns, strict=True):
                         a = assign.detach().reshape(-1).cpu().numpy()
                         counts[name] += np.bincount(a, minlength=k)[:k]
                 bar.update(1)
@@ -157,9 +166,9 @@ def run_inference(
         parts = d.all_gather_object((probs, ces, counts), "gathering predictions")
         probs = np.asarray(unshard([p[0].tolist() for p in parts], len(all_ids)), np.float64)
         ces = np.asarray(unshard([p[1].tolist() for p in parts], len(all_ids)), np.float64)
-        counts = {n: np.sum([p[2][n] for p in parts], axis=0) for n in ("pos", "neg")}
+        counts = {n: np.sum([p[2][n] for p in parts], axis=0) for n in names}
     usage = None
-    if collect_usage and k and int(counts["pos"].sum()) > 0:
+    if collect_usage and k and int(counts[names[0]].sum()) > 0:
         from momkd.memory import usage_stats
 
         usage = {}

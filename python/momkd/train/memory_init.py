@@ -31,11 +31,13 @@ def init_class_memory(
     per_class: int,
     memory_k: int,
     kmeans_iters: int,
+    n_classes: int = 2,
     seed: int,
     device: torch.device,
     dist: Dist,
 ) -> None:
-    """Spherical k-means initialisation of C+ and C- from the untrained ``model``.
+    """Spherical k-means initialisation of every class memory (C+ and C- for two classes) from the
+    untrained ``model``.
 
     Per class, the training units are visited in a seeded order until ``per_class`` patch
     projections are collected (then subsampled to that bound). In a data-parallel run the visit is
@@ -60,6 +62,9 @@ def init_class_memory(
         ``memory.init_per_class``.
     memory_k : int
         Components per class memory (``model.memory_k``).
+    n_classes : int
+        Classes (one memory each); visited from the last class to class 0, so that two classes
+        give C+ then C-.
     kmeans_iters : int
         ``memory.kmeans_iters``.
     seed : int
@@ -74,17 +79,19 @@ def init_class_memory(
         A class without training units, or fewer projections than memory components.
     """
     rng = np.random.default_rng([seed, 2_000_003])
-    by_class = {c: [s for s in train_units if labels[s] == c] for c in (0, 1)}
-    if not by_class[0] or not by_class[1]:
+    classes = range(n_classes)
+    by_class = {c: [s for s in train_units if labels[s] == c] for c in classes}
+    if not all(by_class.values()):
+        which = "both classes" if n_classes == 2 else "every class"
         raise DataError(
-            f"fold {fold}: the training set needs slides of both classes to initialise the memory"
+            f"fold {fold}: the training set needs slides of {which} to initialise the memory"
         )
-    n_slides = min(len(by_class[0]), len(by_class[1]))
+    n_slides = min(len(v) for v in by_class.values())
     d = dist
     embeddings: dict[int, Tensor] = {}
     totals: dict[int, int] = {}
     model.eval()
-    for c in (1, 0):
+    for c in reversed(classes):
         order = [by_class[c][i] for i in rng.permutation(len(by_class[c]))[:n_slides]]
         mine: dict[int, Tensor] = {}  # position in `order` -> (P, S) projections
         sizes: list[int] = []  # projections per visited slide, in visiting order
@@ -120,13 +127,21 @@ def init_class_memory(
                 f"fold {fold}: {n} patch projections of class {c} for {k} memory components; "
                 "lower model.memory_k"
             )
-    if d.is_main:
+    if d.is_main and n_classes == 2:
         model.init_memory(  # type: ignore[operator]
             embeddings[1].to(device),
             embeddings[0].to(device),
             iters=kmeans_iters,
             seed=seed,
         )
+    elif d.is_main:
+        model.init_memory_classes(  # type: ignore[operator]
+            [embeddings[c].to(device) for c in classes], iters=kmeans_iters, seed=seed
+        )
     d.broadcast_module(model.memory, "broadcast of the initial memory")  # type: ignore[arg-type]
     model.train()
-    log.info("fold %d: memory initialised from %d / %d projections", fold, totals[1], totals[0])
+    log.info(
+        "fold %d: memory initialised from %s projections",
+        fold,
+        " / ".join(str(totals[c]) for c in reversed(classes)),
+    )

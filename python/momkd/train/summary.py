@@ -31,10 +31,15 @@ from momkd.config import RunConfig, load_config
 from momkd.errors import ConfigError, DataError
 from momkd.metrics import (
     aggregate,
-    binary_metrics,
-    bootstrap_auc_ci,
-    evaluate_with_threshold,
-    patient_level,
+)
+from momkd.scoring import (
+    auc_ci,
+    is_multiclass,
+    metrics,
+    metrics_at_threshold,
+    patient_means,
+    predictions,
+    prob_columns,
 )
 from momkd.train.inputs import (
     external_units,
@@ -161,8 +166,22 @@ def _merged_timing(run: Path, folds: list[int], results: list[dict[str, Any]]) -
     return timing
 
 
+def _threshold(result: Mapping[str, Any]) -> float:
+    """A fold's decision threshold (0.5 where there is none: more than two classes)."""
+    thr = result.get("threshold", 0.5)
+    return 0.5 if thr is None else float(thr)
+
+
 def _nan_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (math.nan if v is None else v) for k, v in d.items()}
+
+
+def class_prob_columns(header: Sequence[str]) -> list[str]:
+    """The ``prob_<class>`` columns of a multi-class prediction CSV header, in order (none for a
+    binary one; the per-fold ``prob_fold<k>`` columns of an ensemble file are not classes)."""
+    if "prob" in header:
+        return []
+    return [c for c in header if c.startswith("prob_") and not c.startswith("prob_fold")]
 
 
 def read_prediction_table(
@@ -181,7 +200,9 @@ def read_prediction_table(
     Returns
     -------
     tuple
-        ``slide_ids``, ``case_ids``, ``labels`` ``(n,)`` int64, ``probs`` ``(n,)`` float64.
+        ``slide_ids``, ``case_ids``, ``labels`` ``(n,)`` int64, ``probs`` ``(n,)`` float64 (or
+        ``(n, C)`` from the ``prob_<class>`` columns of a multi-class file, when ``column`` is
+        ``prob``).
 
     Raises
     ------
@@ -198,14 +219,21 @@ def read_prediction_table(
             rows = list(reader)
     except OSError as exc:
         raise DataError(f"{path}: cannot read predictions: {exc}") from None
-    missing = [c for c in ("slide_id", "label", column) if c not in fields]
+    class_cols = class_prob_columns(fields) if column == "prob" and column not in fields else []
+    wanted = ["slide_id", "label"] + (class_cols[:1] if class_cols else [column])
+    missing = [c for c in wanted if c not in fields]
     if missing:
         raise DataError(f"{path}: missing column {', '.join(missing)}")
     try:
         labels = np.array([int(float(r["label"])) for r in rows], dtype=np.int64)
-        probs = np.array([float(r[column]) for r in rows], dtype=np.float64)
+        if class_cols:
+            probs = np.array([[float(r[c]) for c in class_cols] for r in rows], dtype=np.float64)
+            probs = probs.reshape(len(rows), len(class_cols))
+        else:
+            probs = np.array([float(r[column]) for r in rows], dtype=np.float64)
     except ValueError as exc:
-        raise DataError(f"{path}: empty or non-numeric label or {column!r} ({exc})") from None
+        what = "class probability" if class_cols else repr(column)
+        raise DataError(f"{path}: empty or non-numeric label or {what} ({exc})") from None
     slides = [r["slide_id"] for r in rows]
     cases = [r.get("case_id") or "" for r in rows]
     return slides, cases, labels, probs
@@ -215,7 +243,7 @@ def _ci(y: np.ndarray, p: np.ndarray, cfg: RunConfig) -> dict[str, Any]:
     n = cfg.train.ci_resamples
     if n <= 0:
         return {}
-    low, high = bootstrap_auc_ci(y, p, n=n, seed=cfg.train.seed)
+    low, high = auc_ci(y, p, n=n, seed=cfg.train.seed)
     return {
         "auc": [low, high],
         "level": 0.95,
@@ -229,6 +257,7 @@ def _pooled_and_patient(
     cfg: RunConfig, run_dir: Path, results: list[dict[str, Any]], folds: list[int]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Pooled slide-level metrics with CI, and the patient-level block (without external)."""
+    names = cfg.class_names
     ys: list[np.ndarray] = []
     ps: list[np.ndarray] = []
     pat_y: list[np.ndarray] = []
@@ -240,13 +269,13 @@ def _pooled_and_patient(
         )
         ys.append(y)
         ps.append(p)
-        _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=slides)
+        _, y_pat, p_pat = patient_means(cases, y, p, slide_ids=slides)
         pat_y.append(y_pat)
         pat_p.append(p_pat)
-        m = evaluate_with_threshold(y_pat, p_pat, float(r.get("threshold", 0.5)))
+        m = metrics_at_threshold(y_pat, p_pat, _threshold(r), names)
         pat_folds.append({"fold": fold, "test": m})
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
-    pooled = binary_metrics(y_all, p_all)
+    pooled = metrics(y_all, p_all, names)
     ci = _ci(y_all, p_all, cfg)
     yp, pp = np.concatenate(pat_y), np.concatenate(pat_p)
     mean, std = aggregate([f["test"] for f in pat_folds])
@@ -254,7 +283,7 @@ def _pooled_and_patient(
         "folds": pat_folds,
         "mean": mean,
         "std": std,
-        "pooled": binary_metrics(yp, pp),
+        "pooled": metrics(yp, pp, names),
         "ci": _ci(yp, pp, cfg),
         "aggregation": "mean slide probability per patient",
     }
@@ -286,6 +315,8 @@ def _summarise(
         "val_std": val_std,
         "data": data_report,
     }
+    if cfg.n_classes > 2:
+        summary["classes"] = cfg.class_names
     summary["pooled"], summary["ci"], summary["patient"] = _pooled_and_patient(
         cfg, run_dir, results, folds
     )
@@ -297,30 +328,42 @@ def _summarise(
             rows = read_csv_predictions(run_dir / f"fold_{fold}" / "external_predictions.csv")
             probs.append([rows[s] for s in ext_ids])
         p = np.mean(np.asarray(probs, dtype=np.float64), axis=0)
-        thr = float(np.mean([r.get("threshold", 0.5) for r in results]))
+        thr = float(np.mean([_threshold(r) for r in results]))
+        names = cfg.class_names
         ext_summary: dict[str, Any] = {"folds": per_fold}
         if per_fold:
             ext_summary["mean"], ext_summary["std"] = aggregate(per_fold)
         if ext_labels is not None:
             y = np.array([ext_labels[s] for s in ext_ids])
-            ext_summary["ensemble"] = evaluate_with_threshold(y, p, thr)
+            ext_summary["ensemble"] = metrics_at_threshold(y, p, thr, names)
             ext_summary["ci"] = _ci(y, p, cfg)
             cases = [ext_cases.get(s, "") for s in ext_ids]
-            _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=ext_ids)
+            _, y_pat, p_pat = patient_means(cases, y, p, slide_ids=ext_ids)
             summary["patient"]["external"] = {
-                "ensemble": evaluate_with_threshold(y_pat, p_pat, thr),
+                "ensemble": metrics_at_threshold(y_pat, p_pat, thr, names),
                 "ci": _ci(y_pat, p_pat, cfg),
             }
         summary["external"] = ext_summary
-        header = ["slide_id", "case_id", "label"] + [f"prob_fold{f}" for f in folds]
-        header += ["prob", "pred"]
         rows_out = []
-        for i, s in enumerate(ext_ids):
-            rows_out.append(
-                [s, ext_cases.get(s, ""), "" if ext_labels is None else ext_labels[s]]
-                + [float(pf[i]) for pf in probs]
-                + [float(p[i]), int(p[i] > 0.5)]
-            )
+        if is_multiclass(p):
+            # The fold ensemble's class probabilities (each fold's are in its own CSV).
+            header = ["slide_id", "case_id", "label", *prob_columns(names), "pred"]
+            pred = predictions(p)
+            for i, s in enumerate(ext_ids):
+                rows_out.append(
+                    [s, ext_cases.get(s, ""), "" if ext_labels is None else ext_labels[s]]
+                    + [float(v) for v in p[i]]
+                    + [int(pred[i])]
+                )
+        else:
+            header = ["slide_id", "case_id", "label"] + [f"prob_fold{f}" for f in folds]
+            header += ["prob", "pred"]
+            for i, s in enumerate(ext_ids):
+                rows_out.append(
+                    [s, ext_cases.get(s, ""), "" if ext_labels is None else ext_labels[s]]
+                    + [float(pf[i]) for pf in probs]
+                    + [float(p[i]), int(p[i] > 0.5)]
+                )
         summary["ensemble_header"] = header
         summary["ensemble_rows"] = rows_out
     return summary
@@ -378,8 +421,24 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(f"momkd run: method {method}, label {summary.get('label_column', '?')}")
     if summary.get("run_dir"):
         lines.append(f"run directory: {summary['run_dir']}")
+    classes = summary.get("classes")
+    cols: Sequence[str] = METRIC_COLUMNS
+    if classes:
+        cols = ("auc", *[f"auc_{c}" for c in classes], "accuracy", "balanced_accuracy", "f1")
+        lines.append(
+            f"classes: {', '.join(map(str, classes))} (auc: macro one-vs-rest; auc_<class>: that "
+            "class against the others; predictions: the most probable class)"
+        )
     data = summary.get("data") or {}
-    if data:
+    if data and data.get("classes"):
+        excl = data.get("excluded") or {}
+        excl_s = ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items()) or "none"
+        counts = ", ".join(f"{k}: {v}" for k, v in data["classes"].items())
+        lines.append(
+            f"data: {data.get('slides')} slides, {data.get('patients')} patients ({counts}); "
+            f"excluded labels: {excl_s}"
+        )
+    elif data:
         excl = data.get("excluded") or {}
         excl_s = ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items()) or "none"
         lines.append(
@@ -394,9 +453,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"{skipped['patients']} patients"
             )
     # Each column is as wide as its full name (names are never cut) and at least 5 wide.
-    widths = [max(5, len(c)) for c in METRIC_COLUMNS]
+    widths = [max(5, len(c)) for c in cols]
     head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
-        f"{c:>{w}}" for c, w in zip(METRIC_COLUMNS, widths, strict=True)
+        f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)
     )
     lines.append("")
     lines.append("test metrics per fold:")
@@ -404,19 +463,18 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         "  epochs: epochs trained; best: the epoch kept by train.monitor (counted from 0); "
         "val_auc: its validation AUC"
     )
-    lines.append(
-        "  thr: the threshold that maximises F1 on the validation slides; auc to f1: at argmax "
-        "(probability > 0.5); thr_*: at thr"
-    )
+    if not classes:
+        lines.append(
+            "  thr: the threshold that maximises F1 on the validation slides; auc to f1: at argmax "
+            "(probability > 0.5); thr_*: at thr"
+        )
     lines.append(head)
     for r in summary.get("folds", []):
         test = r.get("test", {})
         lines.append(
             f"{r.get('fold', '?'):>4} {r.get('epochs', '?'):>6} {r.get('best_epoch', '?'):>4} "
             f"{_fmt((r.get('val') or {}).get('auc')):>7} {_fmt(r.get('threshold'), 2):>5} "
-            + " ".join(
-                f"{_fmt(test.get(c)):>{w}}" for c, w in zip(METRIC_COLUMNS, widths, strict=True)
-            )
+            + " ".join(f"{_fmt(test.get(c)):>{w}}" for c, w in zip(cols, widths, strict=True))
         )
     mean, std = summary.get("mean") or {}, summary.get("std") or {}
     lines.append("")
@@ -424,15 +482,22 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         "mean ± std (ddof 1): "
         + ", ".join(
             f"{c} {_pm(mean, std, c)}"
-            for c in ("auc", "auprc", "accuracy", "balanced_accuracy", "f1")
+            for c in (cols if classes else ("auc", "auprc", "accuracy", "balanced_accuracy", "f1"))
         )
     )
     pooled = summary.get("pooled") or {}
     if pooled:
         lines.append(
             f"pooled test predictions ({pooled.get('n')} slides): auc {_fmt(pooled.get('auc'))}"
-            f"{_ci_text(summary.get('ci'))}, auprc {_fmt(pooled.get('auprc'))}"
+            f"{_ci_text(summary.get('ci'))}"
+            + ("" if classes else f", auprc {_fmt(pooled.get('auprc'))}")
         )
+        if classes and pooled.get("confusion"):
+            width = max(6, *(len(str(c)) for c in classes))
+            lines.append("  confusion matrix (rows: true class, columns: predicted):")
+            lines.append("  " + " " * width + " " + " ".join(f"{c:>{width}}" for c in classes))
+            for c, row in zip(classes, pooled["confusion"], strict=True):
+                lines.append(f"  {c:>{width}} " + " ".join(f"{int(v):>{width}}" for v in row))
     patient = summary.get("patient") or {}
     if patient:
         p_mean, p_std = patient.get("mean") or {}, patient.get("std") or {}
@@ -448,8 +513,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("external cohort:")
         for i, m in enumerate(ext.get("folds", [])):
             lines.append(
-                f"  fold model {i}: auc {_fmt(m.get('auc'))}, auprc {_fmt(m.get('auprc'))}, "
-                f"balanced_accuracy {_fmt(m.get('balanced_accuracy'))}"
+                f"  fold model {i}: auc {_fmt(m.get('auc'))}, "
+                + ("" if classes else f"auprc {_fmt(m.get('auprc'))}, ")
+                + f"balanced_accuracy {_fmt(m.get('balanced_accuracy'))}"
             )
         if ext.get("mean"):
             lines.append(f"  mean ± std: auc {_pm(ext['mean'], ext.get('std') or {}, 'auc')}")
@@ -457,8 +523,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if ens:
             lines.append(
                 f"  fold ensemble: auc {_fmt(ens.get('auc'))}{_ci_text(ext.get('ci'))}, "
-                f"auprc {_fmt(ens.get('auprc'))}, "
-                f"balanced_accuracy {_fmt(ens.get('balanced_accuracy'))}"
+                + ("" if classes else f"auprc {_fmt(ens.get('auprc'))}, ")
+                + f"balanced_accuracy {_fmt(ens.get('balanced_accuracy'))}"
             )
         p_ext = (summary.get("patient") or {}).get("external") or {}
         if p_ext.get("ensemble"):

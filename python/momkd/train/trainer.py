@@ -64,7 +64,7 @@ from momkd.methods import (
     uses_expression,
     uses_graph,
 )
-from momkd.metrics import binary_metrics
+from momkd.scoring import metrics as score_metrics
 from momkd.train.batching import (
     UnitLoader,
     batches_of,
@@ -402,6 +402,7 @@ class FoldTrainer:
             fold=self.data.fold,
             per_class=int(self.cfg.memory.init_per_class),
             memory_k=int(self.spec["params"]["memory_k"]),
+            n_classes=self.cfg.n_classes,
             kmeans_iters=int(self.cfg.memory.kmeans_iters),
             seed=self.seed,
             device=self.device,
@@ -561,7 +562,7 @@ class FoldTrainer:
             val_auc = math.nan
             if val.slide_ids and self._val_has_both():
                 y_val = np.array([self.data.labels[s] for s in val.slide_ids])
-                val_auc = float(binary_metrics(y_val, val.probs)["auc"])
+                val_auc = float(score_metrics(y_val, val.probs)["auc"])
             score = self._val_score(val, epoch, val_auc)
             # Every rank holds the same predictions; rank 0's score decides, so that the ranks
             # never take different branches (the kept epoch, the LR cut, early stopping).
@@ -618,8 +619,9 @@ class FoldTrainer:
     def _teacher_auc(self) -> float | None:
         """Validation AUC of the omics branch alone (MoMKD's teacher): each validation unit's
         patient expression, preprocessed with the fold's training statistics, scored by
-        Δ(z_o) = φ(z_o, C⁺) − φ(z_o, C⁻) against the class memory. None for other methods or
-        without validation expression."""
+        Δ(z_o) = φ(z_o, C⁺) − φ(z_o, C⁻) against the class memory (with more classes, the
+        macro AUC of the class scores φ(z_o, C^c)). None for other methods or without validation
+        expression."""
         expr = self.data.val_expression
         score_fn = getattr(self.model, "teacher_score", None)
         if (
@@ -630,7 +632,7 @@ class FoldTrainer:
         ):
             return None
         units = [u for u in self.data.val if self.data.cases[u] in expr]
-        if len({self.data.labels[u] for u in units}) < 2:
+        if len({self.data.labels[u] for u in units}) < self.cfg.n_classes:
             return None
         x = torch.from_numpy(np.stack([expr[self.data.cases[u]] for u in units])).to(self.device)
         was_training = self.model.training
@@ -641,11 +643,12 @@ class FoldTrainer:
         finally:
             self.model.train(was_training)
         y = np.array([self.data.labels[u] for u in units])
-        return float(binary_metrics(y, scores)["auc"])
+        return float(score_metrics(y, scores)["auc"])
 
     def _val_has_both(self) -> bool:
+        """Whether every class is among the validation units (the AUC is defined)."""
         y = {self.data.labels[s] for s in self.data.val}
-        return len(y) == 2
+        return len(y) == self.cfg.n_classes
 
     def _write_history(self) -> None:
         if not self.dist.is_main:
