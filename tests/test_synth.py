@@ -562,3 +562,64 @@ def test_bad_config_names_the_key() -> None:
         SynthConfig(label_noise_sd=-1.0)
     with pytest.raises(ConfigError, match="tissue_mix"):
         SynthConfig(tissue_mix=(1.0, 1.0))
+
+
+# --------------------------------------------------------------- earlier outputs stay unchanged
+
+
+def _differences(got: object, want: object, path: str, exact: bool) -> list[str]:
+    """Where ``got`` differs from the recorded ``want``; ``got`` may have keys ``want`` lacks."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        missing = sorted(set(want) - set(got))
+        if missing:
+            return [f"{path}: missing keys {missing}"]
+        keys = [k for k in want if exact or k != "sha256"]
+        return [d for k in keys for d in _differences(got[k], want[k], f"{path}.{k}", exact)]
+    if isinstance(want, list) and isinstance(got, list):
+        if len(want) != len(got):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(got, want))
+            for d in _differences(a, b, f"{path}[{i}]", exact)
+        ]
+    if exact or not isinstance(want, float) or not isinstance(got, float):
+        return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+    return (
+        [] if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4) else [f"{path}: {got} != {want}"]
+    )
+
+
+def test_earlier_outputs_match_the_record_taken_before_the_subtype_column(tmp_path: Path) -> None:
+    """Every output that existed before the subtype column is unchanged (tests/synth_record.py).
+
+    The record was taken with the generator before the column was added; on its platform every
+    array, table and report value must be bit-identical, elsewhere the sums agree closely.
+    """
+    import synth_record
+
+    record = json.loads(synth_record.RECORD.read_text())
+    assert record["args"] == synth_record.ARGS
+    got = json.loads(json.dumps(synth_record.fingerprint(synth_record.make(tmp_path))))
+    want = record["fingerprint"]
+    exact = record["platform"] == synth_record.platform_key()
+    if not exact:  # report values are rounded floats; only the file contents are compared elsewhere
+        got.pop("oracle")
+        want = {k: v for k, v in want.items() if k != "oracle"}
+    diffs = _differences(got, want, "cohort", exact)
+    assert not diffs, f"{len(diffs)} differences: " + "; ".join(diffs[:8])
+
+
+def test_the_record_comparison_sees_a_changed_value() -> None:
+    import synth_record
+
+    want = json.loads(synth_record.RECORD.read_text())["fingerprint"]
+    assert not _differences(json.loads(json.dumps(want)), want, "cohort", exact=True)
+    changed = json.loads(json.dumps(want))
+    changed["clinical"]["clinical.csv"][1][2] = "Equivocal"
+    assert _differences(changed, want, "cohort", exact=False)
+    changed = json.loads(json.dumps(want))
+    changed["stores"]["cohort.zarr"]["arrays"]["features"]["sha256"] = "0" * 64
+    assert _differences(changed, want, "cohort", exact=True)
+    changed["stores"]["cohort.zarr"]["arrays"]["features"]["sum"] += 1.0
+    assert _differences(changed, want, "cohort", exact=False)
