@@ -9,6 +9,8 @@ patient ``i``:
   external one that changes the prevalences but not the labelling mechanism);
 * labels ``y_it = 1[w_t . u_i + e_it > theta_t]`` with unit directions ``w_t`` that are partly shared
   between tasks and half visible in morphology;
+* a four-class ``subtype`` (LumA, LumB, HER2, Basal) read off the same noisy scores
+  ``w_t . u_i + e_it`` of her2, pr and odx (no random draw of its own);
 * log2 expression ``x_ig = mu_g + A_g . u_i + B_g . v_i + b_i + s_g n_ig`` with a sparse ``A``,
   written as TPM-like values ``max(2^x - 1, 0)``;
 * slides: a blob of patches on a 256-px grid, Voronoi tissue regions (tumour, stroma, immune,
@@ -1201,7 +1203,8 @@ def generate_cohort(
         The content of ``oracle.json``: arguments, configuration, per-cohort summaries
         (``cohort``, ``external``: paths, patients, slides, patches, prevalences) and
         ``oracle_auc[task]`` with keys ``latent``, ``morphology_latent``, ``histology``,
-        ``expression`` and ``external_*`` counterparts.
+        ``expression`` and ``external_*`` counterparts (for ``subtype``: macro one-vs-rest AUCs),
+        and ``subtype`` (classes, source tasks, thresholds, rule).
 
     Raises
     ------
