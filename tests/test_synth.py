@@ -86,7 +86,7 @@ def test_store_readable_by_zarr_and_matches_clinical(small: tuple[Path, dict]) -
         assert header["slide_ids"] == [r["slide_id"] for r in rows]
         assert off[0] == 0 and off[-1] == len(feats) == len(coords)
         assert np.all(np.diff(off) > 0)
-        assert list(rows[0]) == ["case_id", "slide_id", "her2", "pr", "odx"]
+        assert list(rows[0]) == ["case_id", "slide_id", "her2", "pr", "odx", "subtype"]
     assert report["cohort"]["slides"] == len(read_csv(out / "clinical.csv"))
     assert report["cohort"]["patches"] == read_store(out / "cohort.zarr")[1][-1]
 
@@ -562,3 +562,330 @@ def test_bad_config_names_the_key() -> None:
         SynthConfig(label_noise_sd=-1.0)
     with pytest.raises(ConfigError, match="tissue_mix"):
         SynthConfig(tissue_mix=(1.0, 1.0))
+
+
+# ------------------------------------------------------------------------------ subtype column
+
+CLASSES = ("LumA", "LumB", "HER2", "Basal")
+# docs/SYNTHETIC.md §1.6: class shares of the internal and external populations
+DOC_PREVALENCE = {
+    False: {"LumA": 0.345, "LumB": 0.200, "HER2": 0.200, "Basal": 0.255},
+    True: {"LumA": 0.208, "LumB": 0.234, "HER2": 0.250, "Basal": 0.308},
+}
+SUBTYPE_ARGS = {"patients": 400, "external": 200, "dim": 32, "genes": 300, "patches": 6, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def subtyped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Enough patients in both cohorts for every subtype class and its oracles."""
+    out = tmp_path_factory.mktemp("synth_subtype")
+    return out, generate_cohort(out, **SUBTYPE_ARGS, progress=False)
+
+
+def _first_rows(path: Path) -> dict[str, dict[str, str]]:
+    first: dict[str, dict[str, str]] = {}
+    for r in read_csv(path):
+        first.setdefault(r["case_id"], r)
+    return first
+
+
+def _subtype_rule(noisy: np.ndarray, a: float, b: float, c: float) -> list[str]:
+    """The documented rule, written out case by case."""
+    out = []
+    for h, p, o in noisy:
+        if h > a:
+            out.append("HER2")
+        elif p <= b:
+            out.append("Basal")
+        elif o > c:
+            out.append("LumB")
+        else:
+            out.append("LumA")
+    return out
+
+
+def test_subtype_column_has_four_values_in_both_clinical_tables(
+    subtyped: tuple[Path, dict],
+) -> None:
+    out, report = subtyped
+    for table, cohort in (("clinical.csv", "cohort"), ("external_clinical.csv", "external")):
+        rows = read_csv(out / table)
+        assert list(rows[0])[-1] == "subtype"
+        by_case: dict[str, set[str]] = {}
+        for r in rows:
+            by_case.setdefault(r["case_id"], set()).add(r["subtype"])
+        assert all(len(v) == 1 for v in by_case.values()), "one subtype per patient"
+        values = [next(iter(v)) for v in by_case.values()]
+        assert set(values) == set(CLASSES)
+        counts = report[cohort]["prevalence"]["subtype"]["counts"]
+        assert counts == {k: values.count(k) for k in CLASSES}
+        assert report[cohort]["prevalence"]["subtype"]["labelled_patients"] == len(values)
+    assert report["label_mapping"]["subtype"] == {"classes": list(CLASSES), "excluded": []}
+    assert report["subtype"]["classes"] == list(CLASSES)
+
+
+def test_subtype_is_the_documented_function_of_the_noisy_scores(
+    subtyped: tuple[Path, dict],
+) -> None:
+    """Recompute the column from truth/ and oracle.json, and tie the noisy scores to the labels."""
+    out, report = subtyped
+    truth = read_csv(out / "truth" / "subtype.csv")
+    latent = {r["case_id"]: r for r in read_csv(out / "truth" / "latent.csv")}
+    thr = report["subtype"]["thresholds"]
+    assert report["subtype"]["tasks"] == {"her2": "her2", "pr": "pr", "split": "odx"}
+    # the HER2 and PR thresholds are the binary tasks' label thresholds
+    for task in ("her2", "pr"):
+        assert round(thr[task], 6) == report["tasks"][task]["threshold"]
+    noisy = np.array([[float(r[f"noisy_{t}"]) for t in ("her2", "pr", "odx")] for r in truth])
+    assert [r["subtype"] for r in truth] == _subtype_rule(
+        noisy, thr["her2"], thr["pr"], thr["split"]
+    )
+    clinical = {**_first_rows(out / "clinical.csv"), **_first_rows(out / "external_clinical.csv")}
+    assert [r["case_id"] for r in truth] == list(clinical)
+    assert [r["subtype"] for r in truth] == [clinical[r["case_id"]]["subtype"] for r in truth]
+    # noisy score = noiseless score + N(0, 0.5^2) label noise, and it is what the labels threshold
+    for j, (task, pos, neg) in enumerate(
+        (("her2", "Positive", "Negative"), ("pr", "Positive", "Negative"), ("odx", "High", "Low"))
+    ):
+        score = np.array([float(latent[r["case_id"]][f"score_{task}"]) for r in truth])
+        resid = noisy[:, j] - score
+        assert abs(resid.mean()) < 0.06 and abs(resid.std() - 0.5) < 0.04
+        theta = report["tasks"][task]["threshold"]
+        for r, x in zip(truth, noisy[:, j], strict=True):
+            value = clinical[r["case_id"]][task]
+            if value in (pos, neg) and abs(x - theta) > 1e-5:
+                assert (value == pos) == (x > theta), (r["case_id"], task)
+    # hence HER2 subtype <=> her2 Positive, and Basal => her2 and pr Negative (where labelled)
+    for r in truth:
+        row = clinical[r["case_id"]]
+        if row["her2"] in ("Positive", "Negative"):
+            assert (r["subtype"] == "HER2") == (row["her2"] == "Positive")
+        if r["subtype"] == "Basal" and row["pr"] in ("Positive", "Negative"):
+            assert row["pr"] == "Negative"
+
+
+def test_subtype_split_threshold_and_targets_by_simulation(subtyped: tuple[Path, dict]) -> None:
+    """The split threshold gives LumB its configured share; the targets match a simulation from
+    the task directions and thresholds in oracle.json (an independent route to the same numbers)."""
+    _, report = subtyped
+    w = np.array([report["tasks"][t]["direction"] for t in ("her2", "pr", "odx")])
+    thr = report["subtype"]["thresholds"]
+    rng = np.random.default_rng(123)
+    n = 400_000
+    for external, cohort in ((False, "cohort"), (True, "external")):
+        mean = np.array(report["external"]["latent_mean_shift"]) if external else 0.0
+        u = mean + rng.standard_normal((n, w.shape[1]))
+        noisy = u @ w.T + 0.5 * rng.standard_normal((n, 3))
+        her2 = noisy[:, 0] > thr["her2"]
+        basal = ~her2 & (noisy[:, 1] <= thr["pr"])
+        lumb = ~her2 & ~basal & (noisy[:, 2] > thr["split"])
+        share = {"HER2": her2.mean(), "Basal": basal.mean(), "LumB": lumb.mean()}
+        share["LumA"] = 1.0 - sum(share.values())
+        target = report[cohort]["prevalence"]["subtype"]["target"]
+        for k in CLASSES:
+            assert target[k] == pytest.approx(share[k], abs=0.004), (cohort, k)
+            assert target[k] == pytest.approx(DOC_PREVALENCE[external][k], abs=0.0006)
+    assert report["cohort"]["prevalence"]["subtype"]["target"]["LumB"] == 0.2
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_subtype_prevalences_in_the_documented_range(external: bool) -> None:
+    draw = draw_patients(20000, seed=2, external=external)
+    assert draw.subtype is not None
+    share = np.bincount(draw.subtype, minlength=4) / len(draw.subtype)
+    for k, name in enumerate(CLASSES):
+        assert abs(share[k] - DOC_PREVALENCE[external][name]) < 0.012, name
+        assert share[k] > 0.18  # no class is rare at the defaults
+    # a patient's subtype does not depend on the cohort size
+    small = draw_patients(50, seed=2, external=external)
+    assert small.subtype is not None
+    np.testing.assert_array_equal(small.subtype, draw.subtype[:50])
+
+
+def test_subtype_probabilities_match_scipy() -> None:
+    """The quadrature against scipy's multivariate normal CDF, on a correlated covariance."""
+    from momkd.synth import subtype_probabilities, subtype_thresholds
+    from scipy.stats import multivariate_normal, norm
+
+    a, b, c = subtype_thresholds()
+    rng = np.random.default_rng(4)
+    mean = rng.normal(0.0, 0.8, (5, 3))
+    cov = np.array([[0.9, -0.3, 0.1], [-0.3, 0.8, -0.35], [0.1, -0.35, 0.7]])
+    got = subtype_probabilities(mean, cov, (a, b, c))
+    flip = np.diag([1.0, -1.0, -1.0])  # P(h <= a, p > b, o > c) = P(h <= a, -p < -b, -o < -c)
+    for m, g in zip(mean, got, strict=True):
+        her2 = 1.0 - norm.cdf(a, m[0], math.sqrt(cov[0, 0]))
+        basal = multivariate_normal.cdf([a, b], m[:2], cov[:2, :2], abseps=1e-8, releps=1e-8)
+        lumb = multivariate_normal.cdf(
+            [a, -b, -c],
+            flip @ m,
+            flip @ cov @ flip,
+            maxpts=200_000,
+            abseps=1e-7,
+            releps=1e-7,
+            rng=np.random.default_rng(0),
+        )
+        want = [1.0 - her2 - basal - lumb, lumb, her2, basal]
+        np.testing.assert_allclose(g, want, atol=2e-5)
+    # diagonal covariance: products of normal CDFs
+    diag = np.diag([0.25, 0.25, 0.25])
+    got = subtype_probabilities(mean, diag, (a, b, c))
+    ph, pp, po = (norm.cdf(t, mean[:, j], 0.5) for j, t in enumerate((a, b, c)))
+    want = np.stack([ph * (1 - pp) * po, ph * (1 - pp) * (1 - po), 1 - ph, ph * pp], axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_subtype_oracle_aucs_match_scikit_learn(subtyped: tuple[Path, dict]) -> None:
+    """Latent: the exact posterior from truth/latent.csv; expression: the documented ridge
+    protocol on expression.csv; both scored with roc_auc_score(multi_class="ovr")."""
+    from scipy.stats import norm
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out, report = subtyped
+    auc = report["oracle_auc"]["subtype"]
+    thr = report["subtype"]["thresholds"]
+    truth = read_csv(out / "truth" / "subtype.csv")
+    latent = {r["case_id"]: r for r in read_csv(out / "truth" / "latent.csv")}
+    for cohort, key in (("internal", "latent"), ("external", "external_latent")):
+        rows = [r for r in truth if r["cohort"] == cohort]
+        y = np.array([CLASSES.index(r["subtype"]) for r in rows])
+        s = np.array(
+            [
+                [float(latent[r["case_id"]][f"score_{t}"]) for t in ("her2", "pr", "odx")]
+                for r in rows
+            ]
+        )
+        ph, pp, po = (norm.cdf(thr[t], s[:, j], 0.5) for j, t in enumerate(("her2", "pr", "split")))
+        prob = np.stack([ph * (1 - pp) * po, ph * (1 - pp) * (1 - po), 1 - ph, ph * pp], axis=1)
+        want = roc_auc_score(y, prob, multi_class="ovr", average="macro")
+        assert auc[key] == pytest.approx(want, abs=1e-3), key
+    _, genes, x = read_expression(out / "expression.csv")
+    cases = [r["case_id"] for r in read_csv(out / "expression.csv")]
+    sub = {r["case_id"]: r["subtype"] for r in truth}
+    y = np.array([CLASSES.index(sub[c]) for c in cases])
+    model = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(0, 5, 11)))
+    cv = StratifiedKFold(5, shuffle=True, random_state=SUBTYPE_ARGS["seed"])
+    score = cross_val_predict(model, np.log2(x + 1), y, cv=cv, method="decision_function")
+    want = np.mean([roc_auc_score(y == k, score[:, k]) for k in range(4)])
+    assert auc["expression"] == pytest.approx(want, abs=0.01)
+    # the documented ordering of the oracles
+    assert auc["latent"] > auc["expression"] > 0.6
+    assert auc["latent"] > auc["morphology_latent"] > 0.6
+    assert auc["external_latent"] > auc["external_morphology_latent"] > 0.6
+    assert 0.55 < auc["histology"] < auc["latent"]
+    assert 0.55 < auc["external_histology"] < auc["external_latent"]
+    assert set(auc) == set(report["oracle_auc"]["her2"])
+
+
+def test_without_subtype_every_other_output_is_identical(tmp_path: Path) -> None:
+    """Switching the subtype off changes nothing but the column, truth/subtype.csv and the
+    report's subtype entries: it takes no random draw of its own."""
+    kw = {**SMALL, "h5": True, "pt": True, "progress": False}
+    on, off = tmp_path / "on", tmp_path / "off"
+    rep_on = generate_cohort(on, **kw, config=small_config())
+    rep_off = generate_cohort(
+        off, **kw, config=dataclasses.replace(small_config(), subtype_tasks=None)
+    )
+    files_on = sorted(p.relative_to(on) for p in on.rglob("*") if p.is_file())
+    files_off = sorted(p.relative_to(off) for p in off.rglob("*") if p.is_file())
+    assert sorted(set(files_on) - set(files_off)) == [Path("truth/subtype.csv")]
+    assert not set(files_off) - set(files_on)
+    for rel in files_off:
+        if rel.name in ("clinical.csv", "external_clinical.csv", "oracle.json"):
+            continue
+        assert (on / rel).read_bytes() == (off / rel).read_bytes(), rel
+    for table in ("clinical.csv", "external_clinical.csv"):
+        with_col = [{k: v for k, v in r.items() if k != "subtype"} for r in read_csv(on / table)]
+        assert with_col == read_csv(off / table)
+    assert "subtype" not in read_csv(off / "clinical.csv")[0]
+
+    def strip(obj: object, root: str) -> object:
+        if isinstance(obj, dict):
+            return {
+                k: strip(v, root)
+                for k, v in obj.items()
+                if k not in ("subtype", "subtype_tasks", "out_dir")
+            }
+        if isinstance(obj, list):
+            return [strip(v, root) for v in obj]
+        return obj.replace(root, "<out>") if isinstance(obj, str) else obj
+
+    assert rep_off["subtype"] is None and "subtype" not in rep_off["oracle_auc"]
+    assert strip(json.loads(json.dumps(rep_on)), str(on)) == strip(
+        json.loads(json.dumps(rep_off)), str(off)
+    )
+
+
+def test_bad_subtype_config_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="subtype_tasks"):
+        SynthConfig(subtype_tasks=("her2", "pr", "grade"))
+    with pytest.raises(ConfigError, match="subtype_tasks"):
+        SynthConfig(subtype_tasks=("her2", "her2", "odx"))
+    with pytest.raises(ConfigError, match="subtype_lumb_prevalence"):
+        SynthConfig(subtype_lumb_prevalence=0.0)
+    with pytest.raises(ConfigError, match="subtype_lumb_prevalence"):
+        draw_patients(3, config=SynthConfig(subtype_lumb_prevalence=0.9))
+
+
+# --------------------------------------------------------------- earlier outputs stay unchanged
+
+
+def _differences(got: object, want: object, path: str, exact: bool) -> list[str]:
+    """Where ``got`` differs from the recorded ``want``; ``got`` may have keys ``want`` lacks."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        missing = sorted(set(want) - set(got))
+        if missing:
+            return [f"{path}: missing keys {missing}"]
+        keys = [k for k in want if exact or k != "sha256"]
+        return [d for k in keys for d in _differences(got[k], want[k], f"{path}.{k}", exact)]
+    if isinstance(want, list) and isinstance(got, list):
+        if len(want) != len(got):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(got, want))
+            for d in _differences(a, b, f"{path}[{i}]", exact)
+        ]
+    if exact or not isinstance(want, float) or not isinstance(got, float):
+        return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+    return (
+        [] if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4) else [f"{path}: {got} != {want}"]
+    )
+
+
+def test_earlier_outputs_match_the_record_taken_before_the_subtype_column(tmp_path: Path) -> None:
+    """Every output that existed before the subtype column is unchanged (tests/synth_record.py).
+
+    The record was taken with the generator before the column was added; on its platform every
+    array, table and report value must be bit-identical, elsewhere the sums agree closely.
+    """
+    import synth_record
+
+    record = json.loads(synth_record.RECORD.read_text())
+    assert record["args"] == synth_record.ARGS
+    got = json.loads(json.dumps(synth_record.fingerprint(synth_record.make(tmp_path))))
+    want = record["fingerprint"]
+    exact = record["platform"] == synth_record.platform_key()
+    if not exact:  # report values are rounded floats; only the file contents are compared elsewhere
+        got.pop("oracle")
+        want = {k: v for k, v in want.items() if k != "oracle"}
+    diffs = _differences(got, want, "cohort", exact)
+    assert not diffs, f"{len(diffs)} differences: " + "; ".join(diffs[:8])
+
+
+def test_the_record_comparison_sees_a_changed_value() -> None:
+    import synth_record
+
+    want = json.loads(synth_record.RECORD.read_text())["fingerprint"]
+    assert not _differences(json.loads(json.dumps(want)), want, "cohort", exact=True)
+    changed = json.loads(json.dumps(want))
+    changed["clinical"]["clinical.csv"][1][2] = "Equivocal"
+    assert _differences(changed, want, "cohort", exact=False)
+    changed = json.loads(json.dumps(want))
+    changed["stores"]["cohort.zarr"]["arrays"]["features"]["sha256"] = "0" * 64
+    assert _differences(changed, want, "cohort", exact=True)
+    changed["stores"]["cohort.zarr"]["arrays"]["features"]["sum"] += 1.0
+    assert _differences(changed, want, "cohort", exact=False)

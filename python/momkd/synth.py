@@ -9,6 +9,8 @@ patient ``i``:
   external one that changes the prevalences but not the labelling mechanism);
 * labels ``y_it = 1[w_t . u_i + e_it > theta_t]`` with unit directions ``w_t`` that are partly shared
   between tasks and half visible in morphology;
+* a four-class ``subtype`` (LumA, LumB, HER2, Basal) read off the same noisy scores
+  ``w_t . u_i + e_it`` of her2, pr and odx (no random draw of its own);
 * log2 expression ``x_ig = mu_g + A_g . u_i + B_g . v_i + b_i + s_g n_ig`` with a sparse ``A``,
   written as TPM-like values ``max(2^x - 1, 0)``;
 * slides: a blob of patches on a 256-px grid, Voronoi tissue regions (tumour, stroma, immune,
@@ -24,6 +26,7 @@ or on the sizes of the other blocks (changing ``dim`` does not change any label)
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -43,11 +46,15 @@ from momkd.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "SUBTYPE_CLASSES",
+    "SUBTYPE_COLUMN",
     "PatientDraw",
     "SynthConfig",
     "TaskSpec",
     "draw_patients",
     "generate_cohort",
+    "subtype_probabilities",
+    "subtype_thresholds",
     "task_directions",
 ]
 
@@ -60,6 +67,13 @@ _KEY_SITE = (0, 3)
 _COHORT_KEYS = {"internal": 1, "external": 2}
 _PART_LABELS, _PART_EXPRESSION, _PART_SLIDE = 0, 1, 2
 _RFF_FEATURES = 16  # random Fourier features per smooth field
+
+# The four-class subtype column (docs/SYNTHETIC.md §1.6); class indices follow this order.
+SUBTYPE_COLUMN = "subtype"
+SUBTYPE_CLASSES = ("LumA", "LumB", "HER2", "Basal")
+_LUMA, _LUMB, _HER2, _BASAL = range(4)
+_GL_NODES = 64  # Gauss-Legendre nodes per dimension of the subtype probabilities
+_GL_SPAN = 9.0  # the integrals are truncated at 9 standard deviations
 
 
 # --------------------------------------------------------------------------------- configuration
@@ -132,6 +146,9 @@ class SynthConfig:
     morph_label_share: float = 0.5
     label_noise_sd: float = 0.5
     tasks: tuple[TaskSpec, ...] = field(default_factory=_default_tasks)
+    # four-class subtype (the tasks whose noisy scores define it; None: no subtype column)
+    subtype_tasks: tuple[str, str, str] | None = ("her2", "pr", "odx")
+    subtype_lumb_prevalence: float = 0.20
     multi_slide_share: float = 0.10
     # expression (log2 scale)
     expr_mean: float = 4.0
@@ -220,6 +237,22 @@ class SynthConfig:
             )
             values = [t.positive, t.negative, *(v for v, _ in t.excluded)]
             need(len(set(values)) == len(values), "tasks", f"{t.name}: label values not unique")
+        if self.subtype_tasks is not None:
+            need(
+                len(self.subtype_tasks) == 3
+                and len(set(self.subtype_tasks)) == 3
+                and set(self.subtype_tasks) <= set(names),
+                "subtype_tasks",
+                "needs three distinct task names (HER2 task, PR task, proliferation task) or None",
+            )
+            need(
+                SUBTYPE_COLUMN not in names, "subtype_tasks", f"a task is named {SUBTYPE_COLUMN!r}"
+            )
+        need(
+            0.0 < self.subtype_lumb_prevalence < 1.0,
+            "subtype_lumb_prevalence",
+            "must be in (0, 1)",
+        )
         need(0.0 <= self.multi_slide_share <= 1.0, "multi_slide_share", "must be in [0, 1]")
         for key in ("signal_gene_share", "other_gene_share", "tissue_fill", "signal_region_share"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
@@ -354,6 +387,9 @@ class PatientDraw:
     labels : np.ndarray, shape (n, T)   int8: 1 positive, 0 negative, -1 excluded value
     values : list[list[str]], n x T     the strings written to the clinical table
     n_slides : np.ndarray, shape (n,)   slides per patient (1 or 2)
+    noisy : np.ndarray, shape (n, T)    the noisy label scores ``w_t . u + e`` the labels threshold
+    subtype : np.ndarray, shape (n,) or None
+        int8 index into :data:`SUBTYPE_CLASSES` (None when ``config.subtype_tasks`` is None)
     """
 
     case_ids: list[str]
@@ -362,6 +398,8 @@ class PatientDraw:
     labels: np.ndarray
     values: list[list[str]]
     n_slides: np.ndarray
+    noisy: np.ndarray
+    subtype: np.ndarray | None
 
 
 def draw_patients(
@@ -403,10 +441,12 @@ def draw_patients(
     labels = np.empty((n, t_count), dtype=np.int8)
     values: list[list[str]] = []
     n_slides = np.empty(n, dtype=np.int64)
+    noisy_all = np.empty((n, t_count))
     for i in range(n):
         rng = _seq(seed, ckey, i, _PART_LABELS)
         u[i] = mean + rng.standard_normal(lat)
         noisy = w @ u[i] + cfg.label_noise_sd * rng.standard_normal(t_count)
+        noisy_all[i] = noisy
         r_excl = rng.random(t_count)
         n_slides[i] = 1 + int(rng.random() < cfg.multi_slide_share)
         row: list[str] = []
@@ -423,7 +463,173 @@ def draw_patients(
             labels[i, t] = lab
         values.append(row)
     case_ids = [f"{prefix}-{i + 1:0{width}d}" for i in range(n)]
-    return PatientDraw(case_ids, u, u @ w.T, labels, values, n_slides)
+    subtype = None
+    if cfg.subtype_tasks is not None:
+        subtype = _assign_subtype(noisy_all[:, _subtype_index(cfg)], subtype_thresholds(cfg))
+    return PatientDraw(case_ids, u, u @ w.T, labels, values, n_slides, noisy_all, subtype)
+
+
+# -------------------------------------------------------------------------------------- subtype
+
+
+def _subtype_index(cfg: SynthConfig) -> list[int]:
+    """Positions in ``cfg.tasks`` of the HER2, PR and proliferation tasks of the subtype."""
+    if cfg.subtype_tasks is None:
+        raise ConfigError("SynthConfig.subtype_tasks: the subtype is switched off (None)")
+    names = [t.name for t in cfg.tasks]
+    return [names.index(name) for name in cfg.subtype_tasks]
+
+
+def _assign_subtype(noisy: np.ndarray, thr: tuple[float, float, float]) -> np.ndarray:
+    """Subtype index from the noisy scores (n, 3) of the HER2, PR and proliferation tasks.
+
+    HER2 when the HER2 score is above its label threshold; otherwise Basal when the PR score is at
+    or below its threshold; otherwise LumB when the proliferation score is above the split
+    threshold, else LumA. HER2 and Basal therefore agree with the binary her2 and pr labels.
+    """
+    a, b, c = thr
+    out = np.where(noisy[:, 2] > c, _LUMB, _LUMA)
+    out = np.where(noisy[:, 1] > b, out, _BASAL)
+    out = np.where(noisy[:, 0] > a, _HER2, out)
+    return out.astype(np.int8)
+
+
+_ncdf_object = np.frompyfunc(lambda x: 0.5 * math.erfc(-x / math.sqrt(2.0)), 1, 1)
+
+
+def _below(x: np.ndarray, sd: float) -> np.ndarray:
+    """P(N(0, sd^2) <= x), elementwise (a step function when sd == 0)."""
+    if sd > 0:
+        return np.asarray(_ncdf_object(np.asarray(x, dtype=np.float64) / sd), dtype=np.float64)
+    return (np.asarray(x) >= 0).astype(np.float64)
+
+
+def _std_limit(x: np.ndarray, sd: float) -> np.ndarray:
+    """x / sd clipped to the integration span (+-span for sd == 0, by the sign of x)."""
+    if sd > 0:
+        return np.clip(np.asarray(x, dtype=np.float64) / sd, -_GL_SPAN, _GL_SPAN)
+    return np.where(np.asarray(x) >= 0, _GL_SPAN, -_GL_SPAN)
+
+
+def _gauss_legendre(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights (..., K) of the Gauss-Legendre rule on [lo, hi] (empty when hi <= lo)."""
+    x, wts = np.polynomial.legendre.leggauss(_GL_NODES)
+    half = np.maximum(hi - lo, 0.0)[..., None] / 2.0
+    return lo[..., None] + half * (x + 1.0), half * wts
+
+
+def _phi(t: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+
+def subtype_probabilities(
+    mean: np.ndarray, cov: np.ndarray, thresholds: tuple[float, float, float]
+) -> np.ndarray:
+    """Class probabilities of the subtype when the three noisy scores are ``N(mean, cov)``.
+
+    Parameters
+    ----------
+    mean : np.ndarray, shape (n, 3)
+        Means of the (HER2, PR, proliferation) noisy scores, one row per patient.
+    cov : np.ndarray, shape (3, 3)
+        Their covariance, shared by all rows.
+    thresholds
+        ``(theta_HER2, theta_PR, theta_split)``, as from :func:`subtype_thresholds`.
+
+    Returns
+    -------
+    np.ndarray, shape (n, 4)
+        Probabilities in the order of :data:`SUBTYPE_CLASSES`. With a diagonal ``cov`` they are
+        products of normal CDFs; otherwise the Basal probability is a 1-D and the LumB probability
+        a 2-D Gauss-Legendre integral (the HER2 score integrated out analytically), accurate to
+        about 1e-8 for the covariances of the generator.
+    """
+    mean = np.atleast_2d(np.asarray(mean, dtype=np.float64))
+    cov = np.asarray(cov, dtype=np.float64)
+    a, b, c = thresholds
+    sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    mh, mp, mo = mean[:, 0], mean[:, 1], mean[:, 2]
+    h_low = _below(a - mh, sd[0])  # P(h <= a)
+    probs = np.empty((len(mean), 4))
+    probs[:, _HER2] = 1.0 - h_low
+    if np.count_nonzero(cov - np.diag(np.diag(cov))) == 0:
+        p_low = _below(b - mp, sd[1])
+        o_low = _below(c - mo, sd[2])
+        probs[:, _BASAL] = h_low * p_low
+        probs[:, _LUMB] = h_low * (1.0 - p_low) * (1.0 - o_low)
+        probs[:, _LUMA] = h_low * (1.0 - p_low) * o_low
+        return probs
+    # Basal: P(h <= a, p <= b) = int_{p <= b} phi(t) P(h <= a | p) dt, with p = mp + sd_p t
+    k_hp = cov[0, 1] / sd[1] if sd[1] > 0 else 0.0
+    sd_h_p = math.sqrt(max(cov[0, 0] - k_hp**2, 0.0))
+    t, wt = _gauss_legendre(np.full(len(mean), -_GL_SPAN), _std_limit(b - mp, sd[1]))
+    inner = _below(a - mh[:, None] - k_hp * t, sd_h_p)
+    probs[:, _BASAL] = (wt * _phi(t) * inner).sum(axis=1)
+    # LumB: P(h <= a, p > b, o > c): p = mp + sd_p t1, o = mo + k_op t1 + sd_o|p t2
+    k_op = cov[2, 1] / sd[1] if sd[1] > 0 else 0.0
+    sd_o_p = math.sqrt(max(cov[2, 2] - k_op**2, 0.0))
+    t1, w1 = _gauss_legendre(_std_limit(b - mp, sd[1]), np.full(len(mean), _GL_SPAN))
+    lo2 = _std_limit(c - mo[:, None] - k_op * t1, sd_o_p)
+    t2, w2 = _gauss_legendre(lo2, np.full_like(lo2, _GL_SPAN))  # (n, K, K)
+    # h | (p, o): regression on the deviations (dp, do) = (sd_p t1, k_op t1 + sd_o|p t2)
+    s_po = cov[1:, 1:]
+    beta = np.linalg.pinv(s_po) @ cov[1:, 0]
+    sd_h_po = math.sqrt(max(cov[0, 0] - float(cov[0, 1:] @ beta), 0.0))
+    dp = sd[1] * t1[:, :, None]
+    do = k_op * t1[:, :, None] + sd_o_p * t2
+    inner2 = _below(a - mh[:, None, None] - beta[0] * dp - beta[1] * do, sd_h_po)
+    lumb = (w1[:, :, None] * _phi(t1)[:, :, None] * w2 * _phi(t2) * inner2).sum(axis=(1, 2))
+    probs[:, _LUMB] = lumb
+    probs[:, _LUMA] = np.clip(1.0 - probs[:, _HER2] - probs[:, _BASAL] - lumb, 0.0, 1.0)
+    return probs
+
+
+def _subtype_population(cfg: SynthConfig, external: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (3,) and covariance (3, 3) of the noisy subtype scores over a cohort's population."""
+    w, _ = task_directions(cfg)
+    ws = w[_subtype_index(cfg)]
+    mean = ws @ _external_mean(cfg) if external else np.zeros(3)
+    return mean, ws @ ws.T + cfg.label_noise_sd**2 * np.eye(3)
+
+
+def subtype_thresholds(config: SynthConfig | None = None) -> tuple[float, float, float]:
+    """Thresholds ``(theta_HER2, theta_PR, theta_split)`` on the noisy scores of the subtype.
+
+    The first two are the label thresholds of the HER2 and PR tasks; the split threshold on the
+    proliferation task's noisy score makes LumB's share of the internal population
+    ``config.subtype_lumb_prevalence`` (solved by bisection on :func:`subtype_probabilities`).
+
+    Raises
+    ------
+    momkd.errors.ConfigError
+        The subtype is switched off, or the LumB share is not below the luminal share.
+    """
+    cfg = config or SynthConfig()
+    return _subtype_thresholds(cfg)
+
+
+@functools.lru_cache(maxsize=16)
+def _subtype_thresholds(cfg: SynthConfig) -> tuple[float, float, float]:
+    idx = _subtype_index(cfg)
+    theta = _thresholds(cfg)
+    a, b = float(theta[idx[0]]), float(theta[idx[1]])
+    mean, cov = _subtype_population(cfg, external=False)
+    target = cfg.subtype_lumb_prevalence
+    span = _GL_SPAN * math.sqrt(cov[2, 2])
+
+    def lumb(c: float) -> float:
+        return float(subtype_probabilities(mean[None, :], cov, (a, b, c))[0, _LUMB])
+
+    lo, hi = -span, span
+    if not lumb(lo) > target:
+        raise ConfigError(
+            "SynthConfig.subtype_lumb_prevalence: must be below the luminal share "
+            f"{lumb(lo):.4f}, got {target!r}"
+        )
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if lumb(mid) > target else (lo, mid)
+    return a, b, 0.5 * (lo + hi)
 
 
 # ------------------------------------------------------------------------------------ expression
@@ -682,30 +888,88 @@ def _auc(score: np.ndarray, y: np.ndarray) -> float | None:
     return round(float(roc_auc_score(y, score)), 4)
 
 
-def _expression_oracle(cfg: SynthConfig, tpm: np.ndarray, y: np.ndarray, seed: int) -> float | None:
-    """Cross-validated AUC of expression alone.
+def _macro_auc(score: np.ndarray, y: np.ndarray) -> float | None:
+    """Macro one-vs-rest AUC over :data:`SUBTYPE_CLASSES`: the mean over classes k of the AUC of
+    ``score[:, k]`` for ``y == k`` against the rest (scikit-learn's ``multi_class="ovr"``,
+    ``average="macro"``, which also accepts scores that are not probabilities). None unless every
+    class is present. Shapes: ``score`` (n, 4), ``y`` (n,) class indices."""
+    from sklearn.metrics import roc_auc_score
 
-    Stratified k-fold predictions of a ridge classifier on log2(x + 1), z-scored inside each
-    training fold, with the ridge penalty chosen by leave-one-out on the training fold only
-    (nested, leak-free). Shapes: ``tpm`` (n, G), ``y`` (n,) in {0, 1}.
-    """
+    k = len(SUBTYPE_CLASSES)
+    if len(y) == 0 or len(np.unique(y)) < k:
+        return None
+    onehot = (y[:, None] == np.arange(k)[None, :]).astype(np.int64)
+    return round(float(roc_auc_score(onehot, score, average="macro")), 4)
+
+
+def _ridge_model(cfg: SynthConfig) -> Any:
     from sklearn.linear_model import RidgeClassifierCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = min(cfg.oracle_folds, int((y == 0).sum()), int((y == 1).sum()))
-    if folds < 2:
-        return None
+    return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=list(cfg.oracle_alphas)))
+
+
+def _ridge_cv_scores(
+    cfg: SynthConfig, x: np.ndarray, y: np.ndarray, seed: int
+) -> np.ndarray | None:
+    """Cross-validated decision scores of a ridge classifier on ``x`` (n, F).
+
+    Stratified k-fold predictions, ``x`` z-scored inside each training fold, the ridge penalty
+    chosen by leave-one-out on the training fold only (nested, leak-free). With two classes the
+    scores are (n,); with more, one one-vs-rest score per class, (n, C). None when a class has
+    fewer than two members.
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from threadpoolctl import threadpool_limits
 
-    x = np.log2(tpm + 1.0)
-    model = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=list(cfg.oracle_alphas)))
+    classes = np.unique(y)
+    folds = min([cfg.oracle_folds, *(int((y == c).sum()) for c in classes)])
+    if len(classes) < 2 or folds < 2:
+        return None
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed % (2**32))
     # small dense problems: threaded BLAS only adds contention
     with threadpool_limits(limits=1, user_api="blas"):
-        score = cross_val_predict(model, x, y, cv=cv, method="decision_function")
-    return _auc(score, y)
+        return np.asarray(
+            cross_val_predict(_ridge_model(cfg), x, y, cv=cv, method="decision_function")
+        )
+
+
+def _expression_oracle(cfg: SynthConfig, tpm: np.ndarray, y: np.ndarray, seed: int) -> float | None:
+    """Cross-validated AUC of expression alone: :func:`_ridge_cv_scores` on log2(x + 1).
+
+    Shapes: ``tpm`` (n, G), ``y`` (n,) in {0, 1}.
+    """
+    if min(int((y == 0).sum()), int((y == 1).sum())) < 2:
+        return None
+    score = _ridge_cv_scores(cfg, np.log2(tpm + 1.0), y, seed)
+    return None if score is None else _auc(score, y)
+
+
+def _subtype_histology_oracles(
+    cfg: SynthConfig,
+    hist: np.ndarray,
+    y: np.ndarray,
+    hist_ext: np.ndarray | None,
+    y_ext: np.ndarray | None,
+    seed: int,
+) -> tuple[float | None, float | None]:
+    """Macro AUCs of ridge classifiers on the hidden-direction histology scores (n, 3).
+
+    Internal: cross-validated as :func:`_ridge_cv_scores`. External: the classifier fitted on the
+    whole internal cohort, applied to the external scores; its one-vs-rest scores are linear in
+    them, so the site shift's offset does not change their ranking.
+    """
+    score = _ridge_cv_scores(cfg, hist, y, seed) if len(np.unique(y)) == 4 else None
+    internal = None if score is None else _macro_auc(score, y)
+    external = None
+    if hist_ext is not None and y_ext is not None and len(np.unique(y)) == 4 and len(y_ext):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            model = _ridge_model(cfg).fit(hist, y)
+            external = _macro_auc(np.asarray(model.decision_function(hist_ext)), y_ext)
+    return internal, external
 
 
 # ---------------------------------------------------------------------------------------- cohorts
@@ -763,13 +1027,18 @@ def _write_cohort(
                 tumour = sl.tissue == 0
                 hist_sum[i] += (sl.features[tumour] @ fp.oracle_dirs).sum(axis=0, dtype=np.float64)
                 hist_cnt[i] += int(tumour.sum())
-                slide_rows.append([case_id, slide_id, *pats.values[i]])
+                row = [case_id, slide_id, *pats.values[i]]
+                if pats.subtype is not None:
+                    row.append(SUBTYPE_CLASSES[pats.subtype[i]])
+                slide_rows.append(row)
                 truth_ids.append(slide_id)
                 truth_tissue.append(sl.tissue)
                 truth_signal.append(sl.signal)
                 n_patches += len(sl.features)
                 bar.update(1)
     header = ["case_id", "slide_id", *(t.name for t in cfg.tasks)]
+    if pats.subtype is not None:
+        header.append(SUBTYPE_COLUMN)
     clinical = "clinical.csv" if name == "cohort" else f"{name}_clinical.csv"
     _write_csv(out / clinical, header, slide_rows)
     truth = out / "truth"
@@ -833,9 +1102,51 @@ def _cohort_summary(
             "morphology_latent": _auc(u_morph[ok] @ a_dirs[t], y),
             "histology": _auc(written["histology_score"][ok, t], y),
         }
+    if pats.subtype is not None:
+        prevalence[SUBTYPE_COLUMN], aucs[SUBTYPE_COLUMN] = _subtype_summary(
+            cfg, pats, written["histology_score"], external
+        )
     summary["prevalence"] = prevalence
     summary["oracle_auc"] = aucs
     return summary, aucs
+
+
+def _subtype_summary(
+    cfg: SynthConfig, pats: PatientDraw, histology: np.ndarray, external: bool
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """Prevalences and the latent / morphology-latent oracles of the subtype in one cohort."""
+    assert pats.subtype is not None
+    idx = _subtype_index(cfg)
+    thr = subtype_thresholds(cfg)
+    w, _ = task_directions(cfg)
+    ws, lm = w[idx], cfg.morph_dims
+    y = pats.subtype.astype(np.int64)
+    n = len(y)
+    pop_mean, pop_cov = _subtype_population(cfg, external)
+    target = subtype_probabilities(pop_mean[None, :], pop_cov, thr)[0]
+    counts = np.bincount(y, minlength=len(SUBTYPE_CLASSES))
+    prevalence = {
+        "target": {k: round(float(p), 4) for k, p in zip(SUBTYPE_CLASSES, target, strict=True)},
+        "observed": {
+            k: round(float(c) / n, 4) if n else None
+            for k, c in zip(SUBTYPE_CLASSES, counts, strict=True)
+        },
+        "labelled_patients": n,
+        "counts": {k: int(c) for k, c in zip(SUBTYPE_CLASSES, counts, strict=True)},
+    }
+    noise = cfg.label_noise_sd**2 * np.eye(3)
+    # latent: exact posterior given u (independent label noise); morphology_latent: exact
+    # posterior given the visible dims u[:L_m], the others drawn from the cohort's distribution
+    latent = subtype_probabilities(pats.u @ ws.T, noise, thr)
+    hidden_mean = (_external_mean(cfg) if external else np.zeros(cfg.latent_dim))[lm:]
+    morph_mean = pats.u[:, :lm] @ ws[:, :lm].T + hidden_mean @ ws[:, lm:].T
+    morph = subtype_probabilities(morph_mean, ws[:, lm:] @ ws[:, lm:].T + noise, thr)
+    aucs = {
+        "latent": _macro_auc(latent, y),
+        "morphology_latent": _macro_auc(morph, y),
+        "histology": None,  # filled in by generate_cohort (needs the internal cohort's fit)
+    }
+    return prevalence, aucs
 
 
 def generate_cohort(
@@ -892,7 +1203,8 @@ def generate_cohort(
         The content of ``oracle.json``: arguments, configuration, per-cohort summaries
         (``cohort``, ``external``: paths, patients, slides, patches, prevalences) and
         ``oracle_auc[task]`` with keys ``latent``, ``morphology_latent``, ``histology``,
-        ``expression`` and ``external_*`` counterparts.
+        ``expression`` and ``external_*`` counterparts (for ``subtype``: macro one-vs-rest AUCs),
+        and ``subtype`` (classes, source tasks, thresholds, rule).
 
     Raises
     ------
@@ -995,6 +1307,8 @@ def generate_cohort(
             for i, cid in enumerate(ext.case_ids)
         ]
     _write_csv(out / "truth" / "latent.csv", lat_header, lat_rows)
+    if pats.subtype is not None:
+        _write_subtype_truth(out / "truth" / "subtype.csv", cfg, pats, ext)
     _write_csv(
         out / "truth" / "genes.csv",
         ["gene", "mean_log2", "noise_sd", *(f"a_{k + 1:0{width}d}" for k in range(cfg.latent_dim))],
@@ -1016,14 +1330,32 @@ def generate_cohort(
         load = np.abs(gp.a @ w[t])
         order = np.argsort(-load, kind="stable")
         signal_genes[task.name] = [gp.names[g] for g in order if load[g] > 0]
+    sub_idx = _subtype_index(cfg) if pats.subtype is not None else []
+    if pats.subtype is not None:
+        y_sub = pats.subtype.astype(np.int64)
+        score = _ridge_cv_scores(cfg, np.log2(tpm + 1.0), y_sub, seed)
+        sub_hist, sub_hist_ext = _subtype_histology_oracles(
+            cfg,
+            written["histology_score"][:, sub_idx],
+            y_sub,
+            written_ext["histology_score"][:, sub_idx] if written_ext else None,
+            ext.subtype.astype(np.int64) if ext is not None and ext.subtype is not None else None,
+            seed,
+        )
+        aucs[SUBTYPE_COLUMN]["histology"] = sub_hist
+        aucs[SUBTYPE_COLUMN]["expression"] = (
+            None if score is None or len(np.unique(y_sub)) < 4 else _macro_auc(score, y_sub)
+        )
 
     ext_summary: dict[str, Any] | None = None
     if ext is not None and written_ext is not None:
         ext_summary, ext_aucs = _cohort_summary(cfg, ext, written_ext, a_dirs, external=True)
         ext_summary["latent_mean_shift"] = [round(float(x), 6) for x in _external_mean(cfg)]
-        for task in cfg.tasks:
-            for kind, auc in ext_aucs[task.name].items():
-                aucs[task.name][f"external_{kind}"] = auc
+        if pats.subtype is not None:
+            ext_aucs[SUBTYPE_COLUMN]["histology"] = sub_hist_ext
+        for name in ext_aucs:
+            for kind, auc in ext_aucs[name].items():
+                aucs[name][f"external_{kind}"] = auc
 
     from momkd import __version__
 
@@ -1046,12 +1378,19 @@ def generate_cohort(
         "external": ext_summary,
         "oracle_auc": aucs,
         "label_mapping": {
-            t.name: {
-                "positive": [t.positive],
-                "negative": [t.negative],
-                "excluded": [v for v, _ in t.excluded],
-            }
-            for t in cfg.tasks
+            **{
+                t.name: {
+                    "positive": [t.positive],
+                    "negative": [t.negative],
+                    "excluded": [v for v, _ in t.excluded],
+                }
+                for t in cfg.tasks
+            },
+            **(
+                {SUBTYPE_COLUMN: {"classes": list(SUBTYPE_CLASSES), "excluded": []}}
+                if pats.subtype is not None
+                else {}
+            ),
         },
         "tasks": {
             t.name: {
@@ -1060,6 +1399,7 @@ def generate_cohort(
             }
             for i, t in enumerate(cfg.tasks)
         },
+        "subtype": _subtype_report(cfg) if pats.subtype is not None else None,
         "expression": {
             "genes": genes,
             "signal_genes_any": int((np.abs(gp.a).sum(axis=1) > 0).sum()),
@@ -1077,6 +1417,38 @@ def generate_cohort(
     _check_report_finite(report)
     _write_json(out / "oracle.json", report)
     return report
+
+
+def _subtype_report(cfg: SynthConfig) -> dict[str, Any]:
+    a, b, c = subtype_thresholds(cfg)
+    her2, pr, split = cfg.subtype_tasks or ("", "", "")
+    return {
+        "column": SUBTYPE_COLUMN,
+        "classes": list(SUBTYPE_CLASSES),
+        "tasks": {"her2": her2, "pr": pr, "split": split},
+        # full precision: truth/subtype.csv and these reproduce the column exactly
+        "thresholds": {"her2": a, "pr": b, "split": c},
+        "rule": (
+            f"HER2 if noisy_{her2} > her2; else Basal if noisy_{pr} <= pr; "
+            f"else LumB if noisy_{split} > split; else LumA"
+        ),
+    }
+
+
+def _write_subtype_truth(
+    path: Path, cfg: SynthConfig, pats: PatientDraw, ext: PatientDraw | None
+) -> None:
+    """``truth/subtype.csv``: the noisy scores that define the subtype, at full precision."""
+    idx = _subtype_index(cfg)
+    names = cfg.subtype_tasks or ()
+    rows: list[list[str]] = []
+    for cohort, draw in (("internal", pats), ("external", ext)):
+        if draw is None or draw.subtype is None:
+            continue
+        for i, cid in enumerate(draw.case_ids):
+            noisy = (repr(float(draw.noisy[i, t])) for t in idx)
+            rows.append([cid, cohort, *noisy, SUBTYPE_CLASSES[draw.subtype[i]]])
+    _write_csv(path, ["case_id", "cohort", *(f"noisy_{n}" for n in names), SUBTYPE_COLUMN], rows)
 
 
 def _config_dict(cfg: SynthConfig) -> dict[str, Any]:
