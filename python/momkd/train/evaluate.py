@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from momkd.errors import ConfigError, DataError, MomkdError
+from momkd.scoring import predictions, prob_columns
 
 __all__ = [
     "FoldModel",
@@ -68,10 +69,14 @@ class FoldModel:
         self.model.load_state_dict(ckpt["model"])
         self.model.eval()
         self.knn_k = int((self.config.get("train") or {}).get("knn_k", 8))
+        classes = (self.config.get("data") or {}).get("classes") or []
+        #: Class names of a multi-class run (empty for a binary one).
+        self.classes: list[str] = [str(c).strip() for c in classes]
         self.threshold = 0.5
         result = path.parent / "result.json"
         if result.is_file():
-            self.threshold = float(read_json(result).get("threshold", 0.5))
+            thr = read_json(result).get("threshold", 0.5)
+            self.threshold = 0.5 if thr is None else float(thr)
 
 
 def _device() -> Any:
@@ -125,8 +130,8 @@ def _predict_all(
 ) -> np.ndarray:
     from momkd.train.inference import run_inference
 
-    out = np.zeros((len(models), len(slide_ids)), dtype=np.float64)
-    for i, fm in enumerate(models):
+    out: list[np.ndarray] = []
+    for fm in models:
         res = run_inference(
             fm.model,
             store,
@@ -138,8 +143,9 @@ def _predict_all(
             desc=f"fold {fm.fold}",
             members=members,
         )
-        out[i] = res.probs
-    return out
+        out.append(res.probs)
+    # (models, n) positive-class probabilities, or (models, n, C) class probabilities.
+    return np.stack(out).astype(np.float64)
 
 
 def _progress(progress: bool | None) -> bool:
@@ -208,19 +214,45 @@ def predict(
     _check_dims(models, cohort, store)
     probs = _predict_all(models, cohort, ids, _progress(progress))
     mean = probs.mean(axis=0)
-    thr = ensemble_threshold(models)
-    header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models]
-    header += ["prob_pos", "pred", "pred_thr"]
-    rows = [
-        [s]
-        + [float(probs[j, i]) for j in range(len(models))]
-        + [float(mean[i]), int(mean[i] > 0.5), int(mean[i] > thr)]
-        for i, s in enumerate(ids)
-    ]
+    if probs.ndim == 3:
+        header, rows = _class_rows(models, ids, probs, [[s] for s in ids])
+    else:
+        thr = ensemble_threshold(models)
+        header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models]
+        header += ["prob_pos", "pred", "pred_thr"]
+        rows = [
+            [s]
+            + [float(probs[j, i]) for j in range(len(models))]
+            + [float(mean[i]), int(mean[i] > 0.5), int(mean[i] > thr)]
+            for i, s in enumerate(ids)
+        ]
     out_path = Path(out)
     write_csv(out_path, header, rows)
     log.info("wrote %d predictions to %s", len(ids), out_path)
     return len(ids)
+
+
+def _class_rows(
+    models: Sequence[FoldModel], ids: Sequence[str], probs: np.ndarray, leads: list[list[Any]]
+) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of a multi-class prediction CSV: each row's leading cells, the class
+    probabilities of every fold model (``prob_fold<k>_<class>``), their mean (``prob_<class>``)
+    and its argmax (``pred``)."""
+    names = models[0].classes or [str(c) for c in range(probs.shape[2])]
+    header = ["slide_id"]
+    for fm in models:
+        header += [f"prob_fold{fm.fold}_{c}" for c in names]
+    header += [*prob_columns(names), "pred"]
+    mean = probs.mean(axis=0)
+    pred = predictions(mean)
+    rows = [
+        lead
+        + [float(v) for j in range(len(models)) for v in probs[j, i]]
+        + [float(v) for v in mean[i]]
+        + [int(pred[i])]
+        for i, lead in enumerate(leads)
+    ]
+    return header, rows
 
 
 def ensemble_threshold(models: Sequence[FoldModel]) -> float:
@@ -278,7 +310,8 @@ def evaluate_run(
     from momkd._io import write_csv, write_json
     from momkd.data.clinical import load_clinical
     from momkd.data.store import CohortStore
-    from momkd.metrics import aggregate, evaluate_with_threshold
+    from momkd.metrics import aggregate
+    from momkd.scoring import metrics_at_threshold
 
     run = Path(run_dir)
     models = load_fold_models(run)
@@ -295,6 +328,7 @@ def evaluate_run(
         data.get("positive", []),
         data.get("negative", []),
         case_insensitive=bool(data.get("label_case_insensitive", False)),
+        classes=data.get("classes") or [],
     )
     cohort = CohortStore.open(store)
     missing = [s for s in table.slide_ids if s not in cohort]
@@ -317,25 +351,35 @@ def evaluate_run(
         y = np.array([unit_labels[u] for u in ids], dtype=np.int64)
         cases = {u: u for u in ids}
     probs = _predict_all(models, cohort, ids, _progress(progress), members)
+    names = table.class_names
     per_fold = []
     for j, fm in enumerate(models):
-        m = evaluate_with_threshold(y, probs[j], fm.threshold)
+        m = metrics_at_threshold(y, probs[j], fm.threshold, names)
         m["fold"] = fm.fold
         per_fold.append(m)
     mean, std = aggregate([{k: v for k, v in m.items() if k != "fold"} for m in per_fold])
     ens_p = probs.mean(axis=0)
     ens_thr = ensemble_threshold(models)
-    ensemble = evaluate_with_threshold(y, ens_p, ens_thr)
+    ensemble = metrics_at_threshold(y, ens_p, ens_thr, names)
     out_dir = Path(out) if out is not None else run / f"eval_{Path(store).stem}"
-    header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
-    header += ["prob_pos", "pred", "pred_thr"] + (["slides"] if members is not None else [])
-    rows = [
-        [s, cases[s], int(y[i])]
-        + [float(probs[j, i]) for j in range(len(models))]
-        + [float(ens_p[i]), int(ens_p[i] > 0.5), int(ens_p[i] > ens_thr)]
-        + ([";".join(members[s])] if members is not None else [])
-        for i, s in enumerate(ids)
-    ]
+    slides_col = ["slides"] if members is not None else []
+    if probs.ndim == 3:
+        header, rows = _class_rows(
+            models, ids, probs, [[s, cases[s], int(y[i])] for i, s in enumerate(ids)]
+        )
+        header = ["slide_id", "case_id", "label", *header[1:], *slides_col]
+        if members is not None:
+            rows = [r + [";".join(members[s])] for r, s in zip(rows, ids, strict=True)]
+    else:
+        header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
+        header += ["prob_pos", "pred", "pred_thr", *slides_col]
+        rows = [
+            [s, cases[s], int(y[i])]
+            + [float(probs[j, i]) for j in range(len(models))]
+            + [float(ens_p[i]), int(ens_p[i] > 0.5), int(ens_p[i] > ens_thr)]
+            + ([";".join(members[s])] if members is not None else [])
+            for i, s in enumerate(ids)
+        ]
     write_csv(out_dir / "predictions.csv", header, rows)
     result = {
         "run_dir": str(run),
@@ -347,6 +391,7 @@ def evaluate_run(
         "bag": "patient" if members is not None else "slide",
         "n_bags": len(ids),
         "n_pos": int(y.sum()),
+        **({"classes": names} if len(names) > 2 else {}),
         "excluded": dict(table.excluded),
         "folds": per_fold,
         "mean": mean,
@@ -366,11 +411,17 @@ def _f(v: Any) -> str:
 
 def format_eval(result: Mapping[str, Any]) -> str:
     """A human-readable report of :func:`evaluate_run`'s result."""
+    classes = result.get("classes")
+    ens = result.get("ensemble") or {}
+    counts = (
+        ", ".join(f"{c}: {ens.get(f'n_{c}', '?')}" for c in classes)
+        if classes
+        else f"{result.get('n_pos')} positive"
+    )
     lines = [
         (
             f"evaluated {result.get('method', '?')} run {result.get('run_dir')} on "
-            f"{result.get('n_slides')} slides ({result.get('n_pos')} positive) of "
-            f"{result.get('store')}"
+            f"{result.get('n_slides')} slides ({counts}) of {result.get('store')}"
         )
     ]
     excl = result.get("excluded") or {}
@@ -378,7 +429,9 @@ def format_eval(result: Mapping[str, Any]) -> str:
         lines.append(
             "excluded labels: " + ", ".join(f"{k or '<empty>'}: {v}" for k, v in excl.items())
         )
-    from momkd.train.summary import METRIC_COLUMNS as cols
+    from momkd.train.summary import metric_columns
+
+    cols = metric_columns(classes)
 
     widths = [max(5, len(c)) for c in cols]  # full column names, never cut
 

@@ -52,13 +52,13 @@ def prediction_rows(
     the unit's slides (patient bags)."""
     if is_multiclass(res.probs):
         pred = predictions(res.probs).tolist()
-        rows = []
+        rows: list[list[Any]] = []
         for i, s in enumerate(res.slide_ids):
-            row = [s, cases.get(s, ""), "" if labels is None else labels[s]]
-            row += [*res.probs[i].tolist(), pred[i]]
+            cells: list[Any] = [s, cases.get(s, ""), "" if labels is None else labels[s]]
+            cells += [*res.probs[i].tolist(), pred[i]]
             if members is not None:
-                row.append(";".join(members[s]))
-            rows.append(row)
+                cells.append(";".join(members[s]))
+            rows.append(cells)
         return rows
     rows = []
     for s, p in zip(res.slide_ids, res.probs.tolist(), strict=True):

@@ -51,6 +51,7 @@ from momkd.train.rundir import finished_folds
 __all__ = [
     "METRIC_COLUMNS",
     "format_summary",
+    "metric_columns",
     "read_prediction_table",
     "summarize",
     "write_summary",
@@ -403,6 +404,14 @@ METRIC_COLUMNS = (
 )
 
 
+def metric_columns(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """The metric columns of the per-fold tables: :data:`METRIC_COLUMNS` for two classes; the macro
+    AUC, each class's one-vs-rest AUC and the argmax metrics for more."""
+    if not classes:
+        return METRIC_COLUMNS
+    return ("auc", *[f"auc_{c}" for c in classes], "accuracy", "balanced_accuracy", "f1")
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
     """A human-readable report of a run summary (the content of ``summary.txt``).
 
@@ -422,9 +431,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary.get("run_dir"):
         lines.append(f"run directory: {summary['run_dir']}")
     classes = summary.get("classes")
-    cols: Sequence[str] = METRIC_COLUMNS
+    cols = metric_columns(classes)
     if classes:
-        cols = ("auc", *[f"auc_{c}" for c in classes], "accuracy", "balanced_accuracy", "f1")
         lines.append(
             f"classes: {', '.join(map(str, classes))} (auc: macro one-vs-rest; auc_<class>: that "
             "class against the others; predictions: the most probable class)"
