@@ -34,7 +34,9 @@ other characters outside ``[A-Za-z0-9._=-]`` as ``_``. Commas and colons inside 
 ``auc_diff`` is ``AUC_a - AUC_b`` for every pair ``a`` before ``b`` in the ``--methods`` order, on
 the pooled test predictions of all folds (every method predicts exactly the same slides: this is
 checked). The CI is a paired stratified bootstrap (the same resamples for both methods), the
-p-value DeLong's test (:func:`momkd.metrics.paired_auc_test`).
+p-value DeLong's test (:func:`momkd.metrics.paired_auc_test`). With more than two classes
+(``data.classes``) the AUC is the macro one-vs-rest AUC, and since DeLong's test is binary only the
+p-value is the paired bootstrap's (:func:`momkd.multiclass_metrics.paired_macro_auc_test`).
 
 Runs whose rows differ but whose patients agree (``data.bag: slide`` against ``data.bag: patient``)
 are compared at patient level only. A rerun with the same arguments skips finished runs (a ``summary.json`` with an unchanged
@@ -57,6 +59,7 @@ import numpy as np
 from momkd.errors import ConfigError, DataError
 from momkd.htmlkit import (
     COLOURS,
+    class_roc_figure,
     escape,
     figure_html,
     html_page,
@@ -352,9 +355,9 @@ class _Predictions:
     p: np.ndarray
 
     def patients(self) -> _Predictions:
-        from momkd.metrics import patient_level
+        from momkd.scoring import patient_means
 
-        ids, y, p = patient_level(self.cases, self.y, self.p, slide_ids=self.ids)
+        ids, y, p = patient_means(self.cases, self.y, self.p, slide_ids=self.ids)
         return _Predictions(ids, ids, y, p)
 
 
@@ -399,12 +402,12 @@ def _external_predictions(run: Path) -> _Predictions | None:
 
 
 def _auc_block(pred: _Predictions, resamples: int, seed: int) -> dict[str, Any]:
-    from momkd.metrics import binary_metrics, bootstrap_auc_ci
+    from momkd.scoring import auc_ci, metrics
 
-    value = binary_metrics(pred.y, pred.p)["auc"]
+    value = metrics(pred.y, pred.p)["auc"]
     low = high = math.nan
     if resamples > 0:
-        low, high = bootstrap_auc_ci(pred.y, pred.p, n=resamples, seed=seed)
+        low, high = auc_ci(pred.y, pred.p, n=resamples, seed=seed)
     return {"value": value, "ci_low": low, "ci_high": high}
 
 
@@ -441,7 +444,7 @@ def _paired(
 ) -> list[dict[str, Any]]:
     """Every pair in order. With ``patients``, a pair whose rows differ but whose patients agree
     (one run with slide bags, the other with patient bags) is left to the patient level."""
-    from momkd.metrics import paired_auc_test
+    from momkd.scoring import paired_test
 
     names = list(preds)
     out = []
@@ -460,9 +463,13 @@ def _paired(
                 )
                 continue
             y, pa, pb = _aligned(preds[a], preds[b], a, b, what)
-            res = paired_auc_test(y, pa, pb, n=max(resamples, 1), seed=seed)
+            res = paired_test(y, pa, pb, n=max(resamples, 1), seed=seed)
+            if pa.ndim == 2:  # more than two classes: the p-value is the bootstrap's
+                res["p_value_bootstrap"] = res["p_value"]
             if resamples <= 0:
                 res.update(ci_low=math.nan, ci_high=math.nan, p_value_bootstrap=math.nan)
+                if pa.ndim == 2:
+                    res["p_value"] = math.nan
                 res["n_resamples"] = 0
             out.append({"a": a, "b": b, **res})
     return out
@@ -518,9 +525,12 @@ def summarise_runs(
     tests: dict[str, _Predictions] = {}
     patients: dict[str, _Predictions] = {}
     externals: dict[str, _Predictions] = {}
+    classes: list[str] | None = None
     for name, run_path in runs.items():
         run = Path(run_path)
         summary = _read_json(run / "summary.json")
+        if summary.get("classes") and classes is None:
+            classes = [str(c) for c in summary["classes"]]
         pred = _test_predictions(run, summary)
         tests[name] = pred
         patients[name] = pred.patients()
@@ -566,6 +576,8 @@ def summarise_runs(
         "seed": seed,
         "level": _LEVEL,
     }
+    if classes:
+        result["classes"] = classes
     if curve:
         result["learning_curve"] = _learning_curve(curve, tests, resamples, seed)
     write_json(out_dir / "comparison.json", result)
@@ -654,10 +666,17 @@ def format_comparison(result: Mapping[str, Any]) -> str:
         Per method: test AUC mean ± std over folds, pooled test AUC [95% CI], patient-level pooled
         AUC [CI], external fold-ensemble AUC [CI]; then the paired differences with p-values.
     """
-    lines = [
+    classes = result.get("classes")
+    lines = []
+    if classes:
+        lines.append(
+            f"classes: {', '.join(map(str, classes))}; AUC is the macro one-vs-rest AUC and p the "
+            "paired bootstrap's (DeLong's test is binary only)"
+        )
+    lines.append(
         f"{'method':<34} {'test AUC mean ± std':>20} {'pooled test AUC [95% CI]':>26} "
         f"{'patient AUC [95% CI]':>26} {'external AUC [95% CI]':>26}"
-    ]
+    )
     for name, m in result.get("methods", {}).items():
         mean = (m.get("mean") or {}).get("auc")
         std = (m.get("std") or {}).get("auc")
@@ -673,7 +692,8 @@ def format_comparison(result: Mapping[str, Any]) -> str:
     ):
         pairs = result.get(key) or []
         if pairs:
-            lines.append(f"{title} (AUC a - b [95% CI], DeLong p):")
+            test = "bootstrap" if classes else "DeLong"
+            lines.append(f"{title} (AUC a - b [95% CI], {test} p):")
             for pair in pairs:
                 lines.append(f"  {pair['a']} - {pair['b']}: {_diff_text(pair)}")
     lc = result.get("learning_curve")
@@ -685,8 +705,14 @@ def format_comparison(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _roc_overlay(tests: Mapping[str, _Predictions], path: Path) -> Path | None:
+def _roc_overlay(
+    tests: Mapping[str, _Predictions], path: Path, classes: Sequence[str] | None = None
+) -> Path | None:
     preds = {name: {"label": t.y, "prob": t.p} for name, t in tests.items()}
+    if classes:
+        return class_roc_figure(
+            preds, classes, path, "Pooled test predictions: one-vs-rest ROC per class"
+        )
     return roc_pr_figure(preds, path, "Pooled test predictions: ROC and precision-recall")
 
 
@@ -815,7 +841,7 @@ def _write_html(
                 + figure_html(forest, "AUC differences with 95% paired bootstrap CIs"),
             )
         )
-    roc = _roc_overlay(tests, png / "roc.png")
+    roc = _roc_overlay(tests, png / "roc.png", result.get("classes"))
     if roc is not None:
         body.append(
             section(

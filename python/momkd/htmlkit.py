@@ -22,6 +22,8 @@ __all__ = [
     "COLOURS",
     "CSS",
     "as_number",
+    "class_roc_figure",
+    "confusion_figure",
     "escape",
     "figure_html",
     "fmt_number",
@@ -258,4 +260,93 @@ def roc_pr_figure(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def class_roc_figure(
+    preds: Mapping[str, Mapping[str, np.ndarray]],
+    class_names: Sequence[str],
+    path: Path,
+    title: str,
+) -> Path | None:
+    """One-vs-rest ROC curves of a multi-class label: one panel per class, one curve per entry of
+    ``preds``.
+
+    Parameters
+    ----------
+    preds
+        Curve name -> ``{"label": (n,) class index (-1: unlabelled), "prob": (n, C) float}``.
+    class_names
+        The ``C`` class names, in class order.
+    path
+        The PNG to write.
+    title
+        The figure's title.
+
+    Returns
+    -------
+    Path or None
+        ``path``; ``None`` (nothing written) when no class has labelled samples of it and of
+        another class.
+    """
+    from sklearn.metrics import auc as sk_auc
+    from sklearn.metrics import roc_curve
+
+    n = len(class_names)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = new_figure(3.6 * cols, 3.4 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    drawn = False
+    for c, ax in enumerate(axes):
+        if c >= n:
+            ax.set_axis_off()
+            continue
+        for i, (name, d) in enumerate(preds.items()):
+            ok = d["label"] >= 0
+            y = (d["label"][ok] == c).astype(int)
+            if y.min(initial=1) == y.max(initial=0):
+                continue
+            fpr, tpr, _ = roc_curve(y, d["prob"][ok][:, c])
+            colour = COLOURS[i % len(COLOURS)]
+            ax.plot(fpr, tpr, color=colour, lw=1.4, label=f"{name} ({sk_auc(fpr, tpr):.3f})")
+            drawn = True
+        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
+        ax.set(title=f"{class_names[c]} vs rest", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower right")
+    if not drawn:
+        return None
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def confusion_figure(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """A confusion matrix as a heat map with counts and row shares (rows: true class, columns:
+    predicted class)."""
+    m = np.asarray(confusion, dtype=np.float64)
+    shares = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
+    n = len(class_names)
+    fig = new_figure(1.1 * n + 2.6, 1.0 * n + 1.6)
+    ax = fig.subplots()
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}\n{100 * shares[i, j]:.0f}%",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shares[i, j] > 0.6 else "black",
+            )
+    ax.set_xticks(range(n), [str(c) for c in class_names], rotation=30, ha="right")
+    ax.set_yticks(range(n), [str(c) for c in class_names])
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     return save_figure(fig, path)
