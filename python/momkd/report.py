@@ -36,6 +36,8 @@ from momkd.errors import DataError, MomkdError
 from momkd.htmlkit import (
     COLOURS,
     as_number,
+    class_roc_figure,
+    confusion_figure,
     escape,
     figure_html,
     fmt_number,
@@ -46,6 +48,7 @@ from momkd.htmlkit import (
     save_figure,
     section,
 )
+from momkd.train.summary import class_prob_columns
 
 __all__ = [
     "METRIC_LABELS",
@@ -107,7 +110,8 @@ def read_predictions(
     Returns
     -------
     dict
-        ``slide_id`` (n,) str, ``label`` (n,) int64 (-1 where missing), ``prob`` (n,) float64.
+        ``slide_id`` (n,) str, ``label`` (n,) int64 (-1 where missing), ``prob`` (n,) float64, or
+        ``(n, C)`` from the ``prob_<class>`` columns of a multi-class file.
 
     Raises
     ------
@@ -121,11 +125,18 @@ def read_predictions(
         rows = list(reader)
     candidates = (column,) if column else ("prob", "prob_pos", "prob_ensemble", "ensemble", "p_pos")
     prob_col = next((c for c in candidates if c in cols), None)
+    class_cols = [] if column or prob_col else class_prob_columns(cols)
+    if class_cols:
+        prob_col = class_cols[0]
     if prob_col is None:
         raise DataError(f"{path}: no probability column ({' or '.join(candidates)}) in {cols}")
     label_col = "label" if "label" in cols else ("y" if "y" in cols else None)
     try:
-        prob = np.array([float(r[prob_col]) for r in rows], dtype=np.float64)
+        if class_cols:
+            prob = np.array([[float(r[c]) for c in class_cols] for r in rows], dtype=np.float64)
+            prob = prob.reshape(len(rows), len(class_cols))
+        else:
+            prob = np.array([float(r[prob_col]) for r in rows], dtype=np.float64)
         label = np.array(
             [
                 int(float(r[label_col])) if label_col and r[label_col] not in ("", None) else -1
@@ -713,7 +724,22 @@ def write_report(
         path = d / "test_predictions.csv"
         if path.is_file():
             preds[f"fold {k}"] = read_predictions(path)
-    if preds:
+    classes = summary.get("classes")
+    if preds and classes:
+        roc = class_roc_figure(
+            preds, classes, png_dir / "roc_classes.png", "Test one-vs-rest ROC per class and fold"
+        )
+        curves = figure_html(roc, "One-vs-rest ROC curves per class and fold (test predictions)")
+        confusion = (summary.get("pooled") or {}).get("confusion")
+        if confusion:
+            fig = confusion_figure(
+                confusion, classes, png_dir / "confusion.png", "Pooled test predictions"
+            )
+            curves += figure_html(
+                fig, "Confusion matrix of the pooled test predictions (most probable class)"
+            )
+        sections.append(("curves", "ROC per class and confusion matrix", curves))
+    elif preds:
         roc = roc_pr_figure(preds, png_dir / "roc_pr.png", "Test ROC and precision-recall per fold")
         cal = _calibration_figure(preds, png_dir / "calibration.png")
         curves = figure_html(roc, "ROC and precision-recall curves per fold (test predictions)")
@@ -762,7 +788,16 @@ def write_report(
             if (d / "external_predictions.csv").is_file():
                 ext_preds[f"fold {k}"] = read_predictions(d / "external_predictions.csv")
         ext_preds = {k: v for k, v in ext_preds.items() if np.all(v["label"] >= 0)}
-    if ext_preds:
+    if ext_preds and classes:
+        fig = class_roc_figure(
+            ext_preds,
+            classes,
+            png_dir / "external_roc_classes.png",
+            "External cohort one-vs-rest ROC per class",
+        )
+        if fig is not None:
+            ext_html += figure_html(fig, "External cohort one-vs-rest ROC curves per class")
+    elif ext_preds:
         fig = roc_pr_figure(
             ext_preds,
             png_dir / "external_roc_pr.png",
