@@ -99,6 +99,15 @@ def released_keys(model: MoMKD) -> tuple[str, ...]:
 _MEMORY_KEYS = ("mem_pos._codebook.embed", "mem_neg._codebook.embed")
 
 
+def _require_binary(model: MoMKD) -> None:
+    """The released implementation is binary (C+ and C-): raise for a model of C > 2 classes."""
+    if model.cfg.n_classes != 2:
+        raise ConfigError(
+            f"released state dict: the released implementation has two classes; this model has "
+            f"{model.cfg.n_classes}"
+        )
+
+
 def _names(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -148,6 +157,7 @@ def load_released_state_dict(
     items = dict(sd.items())
     if items and all(k.startswith("module.") for k in items):
         items = {k[len("module.") :]: v for k, v in items.items()}
+    _require_binary(model)
     expected = released_keys(model)
     missing = [k for k in expected if k not in items]
     unexpected = sorted(k for k in items if k not in expected)
@@ -231,6 +241,11 @@ def model_from_released(sd: Mapping[str, Tensor], **overrides: Any) -> MoMKD:
         "classifier_hidden": shape("wsi_classifier_proto.1.weight")[0],
         "n_classes": shape("wsi_classifier_proto.4.weight")[0],
     }
+    if dims["n_classes"] != 2:
+        raise ConfigError(
+            f"released state dict: wsi_classifier_proto.4.weight has {dims['n_classes']} outputs; "
+            "the released implementation has two classes"
+        )
     # No residual projection: the released identity residual, possible only at D_in = H. A
     # projection at D_in = H (a state dict exported from a momkd model built with
     # input_residual: linear) keeps its Linear.
@@ -275,6 +290,7 @@ def export_released_state_dict(model: MoMKD) -> dict[str, Tensor]:
             "(data.standardize: train), which the released implementation does not; train with "
             "data.standardize: none to export"
         )
+    _require_binary(model)
     ours: dict[str, Tensor] = dict(model.named_parameters())
     ours.update(dict(model.named_buffers()))
     expected = released_keys(model)

@@ -22,14 +22,17 @@ import numpy as np
 
 from momkd.errors import ConfigError, DataError, MomkdError
 from momkd.explain.dynamics import (
-    MEMORIES,
+    assignments_by_memory,
+    memory_class,
     memory_history,
+    memory_names,
     memory_usage_on_bags,
     plot_memory_dynamics,
     usage_from_counts,
 )
 from momkd.explain.maps import (
     assignment_labels,
+    assignment_labels_classes,
     plot_assignment_map,
     plot_attention_map,
     safe_name,
@@ -144,30 +147,41 @@ def _pick_device(device: str | None) -> str:
 
 
 class _MapKeeper:
-    """Keeps the arrays of the slides to map while streaming: the requested ones, or the ``n``
-    most positive and ``n`` most negative predictions seen so far (bounded memory)."""
+    """Keeps the arrays of the slides to map while streaming: the requested ones, or (bounded
+    memory) the ``n`` most positive and ``n`` most negative predictions seen so far (one score per
+    slide, two classes), or the ``n`` most probable slides of each class (C > 2 scores)."""
 
-    def __init__(self, wanted: Sequence[str] | None, n: int) -> None:
+    def __init__(self, wanted: Sequence[str] | None, n: int, n_scores: int = 1) -> None:
         self.wanted = list(dict.fromkeys(wanted)) if wanted else None
         self.n = n
-        self.top: list[tuple[float, int, str]] = []  # most positive first
-        self.bottom: list[tuple[float, int, str]] = []  # most negative first
+        # (sign, score index) of each ranking: most positive and most negative of one score, or
+        # the most probable slides of each class.
+        self.rankings = (
+            [(1.0, 0), (-1.0, 0)] if n_scores == 1 else [(1.0, c) for c in range(n_scores)]
+        )
+        self.lists: list[list[tuple[float, int, str]]] = [[] for _ in self.rankings]
         self.data: dict[str, dict[str, Any]] = {}
         self._seen = 0
 
-    def offer(self, slide_id: str, prob: float, make: Callable[[], dict[str, Any]]) -> None:
+    def offer(
+        self, slide_id: str, probs: Sequence[float], make: Callable[[], dict[str, Any]]
+    ) -> None:
         self._seen += 1
         if self.wanted is not None:
             if slide_id in self.wanted:
                 self.data[slide_id] = make()
             return
-        entry = (prob, self._seen, slide_id)
-        top = sorted([*self.top, entry], key=lambda e: (-e[0], e[1]))[: self.n]
-        bottom = sorted([*self.bottom, entry], key=lambda e: (e[0], e[1]))[: self.n]
-        keep = {e[2] for e in top} | {e[2] for e in bottom}
+        keep: set[str] = set()
+        for j, (sign, idx) in enumerate(self.rankings):
+            entry = (probs[idx], self._seen, slide_id)
+
+            def key(e: tuple[float, int, str], sign: float = sign) -> tuple[float, int]:
+                return (-sign * e[0], e[1])
+
+            self.lists[j] = sorted([*self.lists[j], entry], key=key)[: self.n]
+            keep |= {e[2] for e in self.lists[j]}
         if slide_id in keep:
             self.data[slide_id] = make()
-        self.top, self.bottom = top, bottom
         for sid in list(self.data):
             if sid not in keep:
                 del self.data[sid]
@@ -175,8 +189,20 @@ class _MapKeeper:
     def order(self) -> list[str]:
         if self.wanted is not None:
             return [s for s in self.wanted if s in self.data]
-        ids = [e[2] for e in self.top] + [e[2] for e in self.bottom]
+        ids = [e[2] for ranked in self.lists for e in ranked]
         return list(dict.fromkeys(ids))
+
+
+def _class_names(state: dict[str, Any], n_classes: int) -> list[str]:
+    """Class names from the checkpoint's configuration (``data.classes``), else ``class <c>``."""
+    config = state.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if isinstance(classes, list) and len(classes) == n_classes:
+        return [str(c).strip() for c in classes]
+    if n_classes == 2:
+        return ["negative", "positive"]
+    return [f"class {c}" for c in range(n_classes)]
 
 
 # ------------------------------------------------------------------------------- explain_run
@@ -201,6 +227,12 @@ def explain_run(
     gradients, all patches). For each of the 2K memory components (C+ then C-) a running top-k of
     ``(cosine similarity <p_i, c_hat_k>, slide, patch coordinates)`` is kept (memory O(2K * top_k),
     never all patches of the cohort).
+
+    A model of C > 2 classes (docs/METHOD.md §2.11) is explained per class: its memories are named
+    ``c0``, ``c1``, ... in ``topk_patches.csv`` and ``memory_usage.json`` (which also lists the
+    class names), ``slide_predictions.csv`` has one ``prob_c<j>`` column per class, the default
+    maps are those of the ``n_maps`` most probable slides of each class, and each mapped slide gets
+    one attention map per class, ``maps/<slide>_attention_c<j>.png``, and one assignment map.
 
     Written to ``out`` (default ``RUN_DIR/explain``):
 
@@ -280,53 +312,66 @@ def explain_run(
     out_dir = Path(out) if out is not None else run / "explain"
     out_dir.mkdir(parents=True, exist_ok=True)
     k = int(model.cfg.memory_k)
+    n_classes = int(model.cfg.n_classes)
+    binary = n_classes == 2
+    names = memory_names(n_classes)
+    class_names = _class_names(state, n_classes)
     # Maps take the grid step from the coordinates themselves (robust to a header patch size given
     # at another level or to overlapping patches); gallery crops use the header's level-0 size.
     patch_size = cohort.header.get("patch_size")
     patch_size = int(patch_size) if isinstance(patch_size, int) and patch_size > 0 else None
 
-    tracker = TopKTracker(k, top_k)
-    counts = np.zeros((2, k), dtype=np.int64)
-    keeper = _MapKeeper(slides, n_maps)
-    preds: list[tuple[str, int, float]] = []
+    tracker = TopKTracker(k, top_k, memories=names)
+    counts = np.zeros((len(names), k), dtype=np.int64)
+    keeper = _MapKeeper(slides, n_maps, 1 if binary else n_classes)
+    preds: list[tuple[str, int, list[float]]] = []
     loader = BagLoader(cohort, knn_k=_knn_k(state), max_patches=None)
     disable = None if progress is None else not progress
     with torch.no_grad():
-        c_pos, c_neg = model.memory.normalized()
-        memory = torch.cat([c_pos, c_neg]).to(dev)  # (2K, S)
+        hats = model.memory.normalized_classes()
+        memory = torch.cat([hats[memory_class(n)] for n in names]).to(dev)  # (C * K, S)
         for bag in tqdm(loader, total=len(loader), desc="explain", unit="slide", disable=disable):
             assert bag.edge_index is not None
             res = model(bag.features.to(dev), bag.edge_index.to(dev))
-            sims = res.patch_proj.float() @ memory.T  # (P, 2K)
+            sims = res.patch_proj.float() @ memory.T  # (P, C * K), C+ first with two classes
             tracker.update(bag.slide_id, sims, bag.coords)
-            ap, an = res.assign_pos.cpu(), res.assign_neg.cpu()
-            counts[0] += np.bincount(ap.numpy(), minlength=k)[:k]
-            counts[1] += np.bincount(an.numpy(), minlength=k)[:k]
-            prob = float(torch.softmax(res.logits[0].float(), dim=-1)[1])
-            preds.append((bag.slide_id, bag.n_patches, prob))
+            assign = {n: a.cpu() for n, a in assignments_by_memory(res).items()}
+            for i, name in enumerate(names):
+                counts[i] += np.bincount(assign[name].numpy(), minlength=k)[:k]
+            probs = torch.softmax(res.logits[0].float(), dim=-1).tolist()
+            # Two classes: the positive probability, as before; C > 2: every class's.
+            scores = [probs[1]] if binary else probs
+            preds.append((bag.slide_id, bag.n_patches, scores))
 
-            def arrays(
-                bag: Any = bag, res: Any = res, ap: Any = ap, an: Any = an
-            ) -> dict[str, Any]:
+            def arrays(bag: Any = bag, res: Any = res, assign: Any = assign) -> dict[str, Any]:
+                score = res.score.float().cpu().numpy()
+                if binary:
+                    labels = assignment_labels(score, assign["pos"], assign["neg"], k)
+                else:
+                    by_class = [assign[f"c{c}"] for c in range(n_classes)]
+                    labels = assignment_labels_classes(score, by_class, k)
                 return {
                     "coords": bag.coords.numpy().copy(),
                     "attention": res.attention.float().cpu().numpy(),
-                    "labels": assignment_labels(res.score.float().cpu().numpy(), ap, an, k),
+                    "labels": labels,
                 }
 
-            keeper.offer(bag.slide_id, prob, arrays)
+            keeper.offer(bag.slide_id, scores, arrays)
 
     result: dict[str, Any] = {"out": out_dir}
     result["topk_csv"] = tracker.write_csv(out_dir / "topk_patches.csv")
     pred_path = out_dir / "slide_predictions.csv"
     with open(pred_path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["slide_id", "n_patches", "prob_pos"])
-        for sid, n, p in preds:
-            w.writerow([sid, n, f"{p:.6f}"])
+        prob_cols = ["prob_pos"] if binary else [f"prob_c{c}" for c in range(n_classes)]
+        w.writerow(["slide_id", "n_patches", *prob_cols])
+        for sid, n, ps in preds:
+            w.writerow([sid, n, *(f"{p:.6f}" for p in ps)])
     result["predictions"] = pred_path
 
-    usage = {name: usage_from_counts(counts[i]) for i, name in enumerate(MEMORIES)}
+    usage: dict[str, Any] = {name: usage_from_counts(counts[i]) for i, name in enumerate(names)}
+    if not binary:
+        usage = {"classes": class_names, **usage}
     usage_path = out_dir / "memory_usage.json"
     usage_path.write_text(
         json.dumps(
@@ -340,25 +385,43 @@ def explain_run(
     if hist_path.is_file():
         try:
             result["memory_dynamics"] = plot_memory_dynamics(
-                hist_path, out_dir / "memory_dynamics.png", title=f"Memory dynamics, fold {fold}"
+                hist_path,
+                out_dir / "memory_dynamics.png",
+                title=f"Memory dynamics, fold {fold}",
+                class_names=None if binary else class_names,
             )
         except DataError as exc:
             logger.info("memory dynamics not plotted: %s", exc)
 
     maps: list[Path] = []
-    prob_of = {sid: p for sid, _, p in preds}
+    prob_of = {sid: ps for sid, _, ps in preds}
     for sid in keeper.order():
         d = keeper.data[sid]
         name = safe_name(sid)
-        maps.append(
-            plot_attention_map(
-                sid,
-                d["coords"],
-                d["attention"],
-                out_dir / "maps" / f"{name}_attention.png",
-                prob=prob_of[sid],
+        ps = prob_of[sid]
+        if binary:
+            maps.append(
+                plot_attention_map(
+                    sid,
+                    d["coords"],
+                    d["attention"],
+                    out_dir / "maps" / f"{name}_attention.png",
+                    prob=ps[0],
+                )
             )
-        )
+        else:
+            for c in range(n_classes):
+                maps.append(
+                    plot_attention_map(
+                        sid,
+                        d["coords"],
+                        d["attention"][:, c],
+                        out_dir / "maps" / f"{name}_attention_c{c}.png",
+                        prob=ps[c],
+                        prob_of=class_names[c],
+                        what=f"Attention of C^{c}",
+                    )
+                )
         maps.append(
             plot_assignment_map(
                 sid,
@@ -366,8 +429,9 @@ def explain_run(
                 d["labels"],
                 k,
                 out_dir / "maps" / f"{name}_assignment.png",
-                attention=d["attention"],
-                prob=prob_of[sid],
+                attention=d["attention"] if binary else d["attention"].max(axis=1),
+                prob=ps[0] if binary else max(ps),
+                n_memories=2 if binary else n_classes,
             )
         )
     result["maps"] = maps

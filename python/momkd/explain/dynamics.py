@@ -16,6 +16,9 @@ the key ``memory``::
 :func:`memory_history` reads them back (also from a few flat spellings), and
 :func:`plot_memory_dynamics` draws active ratio and perplexity per epoch for C+ and C- plus a usage
 heat map (epoch x component) per memory.
+
+With C > 2 classes (docs/METHOD.md §2.11) the memories are named ``c0``, ``c1``, ... by class
+(:func:`memory_names`) and every function here handles one set of statistics per class memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +42,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MEMORIES",
+    "assignments_by_memory",
+    "memory_class",
     "memory_history",
+    "memory_label",
+    "memory_names",
     "memory_usage_on_bags",
     "plot_memory_dynamics",
     "usage_from_counts",
@@ -49,6 +57,43 @@ logger = logging.getLogger(__name__)
 #: The two class memories, in the order used everywhere in this package: C+ then C-.
 MEMORIES = ("pos", "neg")
 _MEMORY_LABEL = {"pos": "C+ (positive)", "neg": "C- (negative)"}
+
+
+def memory_names(n_classes: int) -> tuple[str, ...]:
+    """Names of the class memories in display order: :data:`MEMORIES` (C+ then C-) for two
+    classes, ``("c0", "c1", ...)`` (class order) for more."""
+    if n_classes == 2:
+        return MEMORIES
+    return tuple(f"c{c}" for c in range(n_classes))
+
+
+def memory_class(name: str) -> int:
+    """The class index of memory ``name`` (``pos`` 1, ``neg`` 0, ``c<j>`` j)."""
+    if name in MEMORIES:
+        return 1 if name == "pos" else 0
+    if re.fullmatch(r"c\d+", name):
+        return int(name[1:])
+    raise DataError(f"memory usage: unknown memory name {name!r}")
+
+
+def memory_label(name: str, class_names: Sequence[str] | None = None) -> str:
+    """Display label of memory ``name``: ``C+ (positive)``, ``C- (negative)``, or ``C^j`` with the
+    class name when given."""
+    if name in _MEMORY_LABEL:
+        return _MEMORY_LABEL[name]
+    c = memory_class(name)
+    if class_names is not None and c < len(class_names):
+        return f"C^{c} ({class_names[c]})"
+    return f"C^{c}"
+
+
+def assignments_by_memory(out: Any) -> dict[str, Any]:
+    """Memory name -> (P,) component assignments of a MoMKD forward output, in display order
+    (``assign`` indexed by class; ``assign_pos``/``assign_neg`` for outputs that only have those)."""
+    assign = getattr(out, "assign", None)
+    if assign is None:
+        return {"pos": out.assign_pos, "neg": out.assign_neg}
+    return {name: assign[memory_class(name)] for name in memory_names(len(assign))}
 
 
 def usage_from_counts(counts: Sequence[float] | np.ndarray) -> dict[str, Any]:
@@ -91,7 +136,8 @@ def memory_usage_on_bags(
     bags: Iterable[Bag],
     device: str | torch.device | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Memory usage of C+ and C- over the patches of some slides (e.g. the validation set).
+    """Memory usage of every class memory over the patches of some slides (e.g. the validation
+    set).
 
     The model runs in eval mode without gradients (its previous mode is restored); only the
     per-component counts are kept, so memory does not grow with the number of slides.
@@ -99,8 +145,8 @@ def memory_usage_on_bags(
     Parameters
     ----------
     model : MoMKD
-        A model whose ``forward(features, edge_index)`` returns ``assign_pos`` and ``assign_neg``
-        ((P,) int64 argmax-cosine component of each patch).
+        A model whose ``forward(features, edge_index)`` returns ``assign`` (per class, (P,) int64
+        argmax-cosine component of each patch) or ``assign_pos`` and ``assign_neg``.
     bags : iterable of Bag
         Bags with ``features`` (P, D) and ``edge_index`` (2, E), e.g. a ``BagLoader``.
     device : str or torch.device, optional
@@ -109,7 +155,8 @@ def memory_usage_on_bags(
     Returns
     -------
     dict
-        ``{"pos": stats, "neg": stats}`` with the JSON-ready dicts of :func:`usage_from_counts`.
+        ``{"pos": stats, "neg": stats}`` (two classes) or ``{"c0": stats, ...}`` (C > 2) with the
+        JSON-ready dicts of :func:`usage_from_counts`.
 
     Raises
     ------
@@ -124,7 +171,8 @@ def memory_usage_on_bags(
     k = int(cfg.memory_k)
     if device is None:
         device = next(model.parameters()).device
-    counts = torch.zeros(2, k, dtype=torch.int64)
+    names = memory_names(int(getattr(cfg, "n_classes", 2)))
+    counts = torch.zeros(len(names), k, dtype=torch.int64)
     was_training = model.training
     model.eval()
     try:
@@ -133,13 +181,15 @@ def memory_usage_on_bags(
                 if bag.edge_index is None:
                     raise DataError(f"slide {bag.slide_id!r}: bag has no k-NN graph (knn_k=None)")
                 out = model(bag.features.to(device), bag.edge_index.to(device))
-                counts[0] += torch.bincount(out.assign_pos.reshape(-1).cpu(), minlength=k)[:k]
-                counts[1] += torch.bincount(out.assign_neg.reshape(-1).cpu(), minlength=k)[:k]
+                assign = assignments_by_memory(out)
+                for i, name in enumerate(names):
+                    a = assign[name].reshape(-1).cpu()
+                    counts[i] += torch.bincount(a, minlength=k)[:k]
     finally:
         model.train(was_training)
     if int(counts[0].sum()) == 0:
         raise DataError("memory usage: no slides given")
-    return {name: usage_from_counts(counts[i].numpy()) for i, name in enumerate(MEMORIES)}
+    return {name: usage_from_counts(counts[i].numpy()) for i, name in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- reading history
@@ -184,6 +234,18 @@ def _memory_record(rec: Mapping[str, Any], name: str) -> Mapping[str, Any] | Non
     return flat or None
 
 
+def _history_names(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The memory names a history records: :data:`MEMORIES`, plus ``c0``, ``c1``, ... (C > 2)
+    in class order when its ``memory`` blocks name them."""
+    extra: set[int] = set()
+    for rec in records:
+        for key in ("memory", "memory_usage", "val_memory", "usage"):
+            block = rec.get(key)
+            if isinstance(block, Mapping):
+                extra.update(int(n[1:]) for n in block if re.fullmatch(r"c\d+", str(n)))
+    return MEMORIES + tuple(f"c{c}" for c in sorted(extra))
+
+
 def memory_history(history: Any) -> dict[str, dict[str, np.ndarray]]:
     """Per-epoch memory usage statistics from a fold's history.
 
@@ -195,14 +257,15 @@ def memory_history(history: Any) -> dict[str, dict[str, np.ndarray]]:
     Returns
     -------
     dict
-        For each memory in ``("pos", "neg")`` that the history records: ``epoch`` (E,) int,
+        For each memory that the history records (``pos`` and ``neg``, or ``c0``, ``c1``, ... with
+        C > 2 classes), in that order: ``epoch`` (E,) int,
         ``usage`` (E, K) float (NaN rows where an epoch lacks the vector), ``active_ratio`` (E,),
         ``perplexity`` (E,). Active ratio and perplexity are recomputed from ``usage`` where the
         record has the vector but not the scalar. Empty when no epoch has memory statistics.
     """
     records = _epochs_of(history)
     out: dict[str, dict[str, np.ndarray]] = {}
-    for name in MEMORIES:
+    for name in _history_names(records):
         epochs: list[int] = []
         usages: list[np.ndarray | None] = []
         ratios: list[float] = []
@@ -245,11 +308,17 @@ def memory_history(history: Any) -> dict[str, dict[str, np.ndarray]]:
 # ------------------------------------------------------------------------------------ plotting
 
 
-def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: str = "") -> Path:
+def plot_memory_dynamics(
+    history: Any,
+    out_png: str | os.PathLike[str],
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+) -> Path:
     """Plot memory usage dynamics of one fold (the paper's Figure 3 analogue).
 
-    Top row: active ratio and perplexity per epoch for C+ and C-. Bottom row: usage heat maps
-    (epoch x component), one per memory, with a colour bar.
+    Top row: active ratio and perplexity per epoch for C+ and C- (for every class memory with
+    C > 2 classes). Below: usage heat maps (epoch x component), one per memory, with a colour bar
+    (two per row).
 
     Parameters
     ----------
@@ -259,6 +328,8 @@ def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: s
         The PNG to write (parent folders are created).
     title : str
         Figure title (e.g. the fold).
+    class_names : sequence of str, optional
+        Class names for the labels of C > 2 class memories.
 
     Returns
     -------
@@ -270,6 +341,7 @@ def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: s
     DataError
         If the history has no memory usage statistics.
     """
+    import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -279,21 +351,29 @@ def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: s
             "history: no memory usage statistics (expected per-epoch 'memory': {'pos': ..., "
             "'neg': ...})"
         )
-    colours = {"pos": "#c0392b", "neg": "#2471a3"}
-    fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
-    axes = fig.subplots(2, 2)
+    multi = tuple(n for n in dyn if n not in MEMORIES)  # c0, c1, ... of C > 2 classes
+    heat_names = multi if multi else MEMORIES
+    colours: dict[str, Any] = {"pos": "#c0392b", "neg": "#2471a3"}
+    if multi:
+        cmap = matplotlib.colormaps["tab10"]
+        colours = {n: cmap(i % 10) for i, n in enumerate(multi)}
+    heat_rows = (len(heat_names) + 1) // 2
+    fig = Figure(figsize=(11, 3.75 * (1 + heat_rows)), dpi=100, layout="constrained")
+    axes = np.asarray(fig.subplots(1 + heat_rows, 2))
     ax_ratio, ax_perp = axes[0]
-    for name, d in dyn.items():
+    _label = {n: memory_label(n, class_names) for n in heat_names}
+    for name in (n for n in heat_names if n in dyn):
+        d = dyn[name]
         ax_ratio.plot(
             d["epoch"],
             d["active_ratio"],
             "o-",
             ms=3,
             color=colours[name],
-            label=_MEMORY_LABEL[name],
+            label=_label[name],
         )
         ax_perp.plot(
-            d["epoch"], d["perplexity"], "o-", ms=3, color=colours[name], label=_MEMORY_LABEL[name]
+            d["epoch"], d["perplexity"], "o-", ms=3, color=colours[name], label=_label[name]
         )
     ax_ratio.set(xlabel="epoch", ylabel="active ratio", title="Active components", ylim=(0, 1.05))
     k_max = max((d["usage"].shape[1] for d in dyn.values()), default=0)
@@ -305,13 +385,16 @@ def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: s
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax, name in zip(axes[1], MEMORIES, strict=True):
+    heat_axes = list(axes[1:].flat)
+    for ax in heat_axes[len(heat_names) :]:
+        ax.set_axis_off()
+    for ax, name in zip(heat_axes, heat_names, strict=False):
         dm = dyn.get(name)
         if dm is None or dm["usage"].size == 0 or np.all(np.isnan(dm["usage"])):
             ax.text(
                 0.5,
                 0.5,
-                f"no usage vectors for {_MEMORY_LABEL[name]}",
+                f"no usage vectors for {_label[name]}",
                 ha="center",
                 va="center",
                 transform=ax.transAxes,
@@ -329,7 +412,7 @@ def plot_memory_dynamics(history: Any, out_png: str | os.PathLike[str], title: s
             vmin=0.0,
             extent=(ep[0] - 0.5, ep[-1] + 0.5, -0.5, usage.shape[1] - 0.5),
         )
-        ax.set(xlabel="epoch", ylabel="component k", title=f"Usage u_k of {_MEMORY_LABEL[name]}")
+        ax.set(xlabel="epoch", ylabel="component k", title=f"Usage u_k of {_label[name]}")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(img, ax=ax, label="share of patches")

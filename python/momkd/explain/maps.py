@@ -21,6 +21,7 @@ from momkd.errors import DataError
 
 __all__ = [
     "assignment_labels",
+    "assignment_labels_classes",
     "infer_patch_size",
     "patch_grid",
     "plot_assignment_map",
@@ -108,8 +109,8 @@ def _raster(
     return grid
 
 
-def _title(slide_id: str, prob: float | None, what: str) -> str:
-    p = "" if prob is None or not np.isfinite(prob) else f"  (P(positive) = {prob:.3f})"
+def _title(slide_id: str, prob: float | None, what: str, prob_of: str = "positive") -> str:
+    p = "" if prob is None or not np.isfinite(prob) else f"  (P({prob_of}) = {prob:.3f})"
     return f"{what}: {slide_id}{p}"
 
 
@@ -138,6 +139,8 @@ def plot_attention_map(
     *,
     prob: float | None = None,
     patch_size: int | None = None,
+    prob_of: str = "positive",
+    what: str = "Attention",
 ) -> Path:
     """Attention heat map of one slide on its patch grid.
 
@@ -156,6 +159,10 @@ def plot_attention_map(
         Predicted probability of the positive class, shown in the title.
     patch_size : int, optional
         Patch size in level-0 pixels (default inferred from the coordinates).
+    prob_of : str
+        The class ``prob`` refers to, in the title (``positive``; a class name with C > 2).
+    what : str
+        The title's first word(s), e.g. ``Attention of class 2``.
 
     Returns
     -------
@@ -183,7 +190,7 @@ def plot_attention_map(
         extent=extent,
         interpolation="nearest",
     )
-    ax.set_title(_title(slide_id, prob, "Attention"), fontsize=10)
+    ax.set_title(_title(slide_id, prob, what, prob_of), fontsize=10)
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     fig.colorbar(img, ax=ax, shrink=0.8, label="attention percentile within slide")
@@ -213,10 +220,47 @@ def assignment_labels(score: Any, assign_pos: Any, assign_neg: Any, k: int) -> n
     return np.where(s > 0, ap, k + an).astype(np.int64)
 
 
-def _assignment_cmap(k: int) -> Any:
+def assignment_labels_classes(scores: Any, assign: Any, k: int) -> np.ndarray:
+    """Winning memory component of each patch as one label in ``[0, C * K)`` (C > 2 classes).
+
+    A patch belongs to the class memory whose one-vs-rest score is largest (the class with the most
+    similar memory, docs/METHOD.md §2.11); label ``c * K + k`` is component ``k`` of class c's
+    memory.
+
+    Parameters
+    ----------
+    scores : array_like, shape (P, C)
+        One-vs-rest memory scores (``MoMKDOutput.score`` of a C-class model).
+    assign : sequence of C array_like, shape (P,)
+        Component of each class memory per patch, indexed by class.
+    k : int
+        Components per memory K.
+
+    Returns
+    -------
+    np.ndarray, int64, shape (P,)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != len(assign):
+        raise DataError(f"assignment: scores of shape (P, {len(assign)}) expected, got {s.shape}")
+    win = np.argmax(s, axis=1)
+    comp = np.stack([np.asarray(a, dtype=np.int64).reshape(-1) for a in assign], axis=1)
+    return (win * k + comp[np.arange(win.size), win]).astype(np.int64)
+
+
+def _assignment_cmap(k: int, n_memories: int = 2) -> Any:
     import matplotlib
     from matplotlib.colors import ListedColormap
 
+    if n_memories != 2:
+        names = ("Reds", "Blues", "Greens", "Purples", "Oranges", "Greys", "YlOrBr", "BuGn")
+        parts = [
+            matplotlib.colormaps[names[c % len(names)]](np.linspace(0.45, 1.0, k))
+            for c in range(n_memories)
+        ]
+        return ListedColormap(np.concatenate(parts), name="momkd_assign_c").with_extremes(
+            bad="#e8e8e8"
+        )
     warm = matplotlib.colormaps["YlOrRd"](np.linspace(0.35, 1.0, k))
     cool = matplotlib.colormaps["PuBuGn"](np.linspace(0.45, 1.0, k))
     return ListedColormap(np.concatenate([warm, cool]), name="momkd_assign").with_extremes(
@@ -234,17 +278,20 @@ def plot_assignment_map(
     attention: Any = None,
     prob: float | None = None,
     patch_size: int | None = None,
+    n_memories: int = 2,
 ) -> Path:
     """Memory-component assignment map of one slide (see :func:`assignment_labels`).
 
     Warm colours are components of C+, cool colours components of C-; the colour bar names them.
+    With ``n_memories`` = C > 2 class memories (labels from :func:`assignment_labels_classes`),
+    each class has its own colour family and the colour bar names ``C^c[k]``.
 
     Parameters
     ----------
     slide_id : str
     coords : array_like, shape (P, 2)
     labels : array_like, shape (P,)
-        Labels in ``[0, 2K)`` from :func:`assignment_labels`.
+        Labels in ``[0, 2K)`` from :func:`assignment_labels` (``[0, C * K)`` for C > 2).
     k : int
         Components per memory K.
     out_png : path
@@ -253,12 +300,19 @@ def plot_assignment_map(
     prob : float, optional
         Predicted probability of the positive class, shown in the title.
     patch_size : int, optional
+    n_memories : int
+        Number of class memories (2, or C > 2).
 
     Returns
     -------
     Path
     """
     from matplotlib.colors import BoundaryNorm
+
+    if n_memories != 2:
+        return _plot_assignment_map_classes(
+            slide_id, coords, labels, k, out_png, attention, prob, patch_size, n_memories
+        )
 
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     row, col, shape, extent = patch_grid(coords, patch_size)
@@ -291,4 +345,55 @@ def plot_assignment_map(
     ticks = list(range(0, 2 * k, step))
     cbar = fig.colorbar(img, ax=ax, shrink=0.9, ticks=ticks, label="memory component")
     cbar.ax.set_yticklabels([f"C+[{t}]" if t < k else f"C-[{t - k}]" for t in ticks], fontsize=7)
+    return _save(fig, out_png)
+
+
+def _plot_assignment_map_classes(
+    slide_id: str,
+    coords: Any,
+    labels: Any,
+    k: int,
+    out_png: str | os.PathLike[str],
+    attention: Any,
+    prob: float | None,
+    patch_size: int | None,
+    n_memories: int,
+) -> Path:
+    """:func:`plot_assignment_map` for C > 2 class memories (labels ``c * K + k``)."""
+    from matplotlib.colors import BoundaryNorm
+
+    n = n_memories * k
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    row, col, shape, extent = patch_grid(coords, patch_size)
+    if lab.size != row.size:
+        raise DataError(f"slide {slide_id!r}: {lab.size} labels for {row.size} patches")
+    if lab.size and (lab.min() < 0 or lab.max() >= n):
+        raise DataError(f"slide {slide_id!r}: assignment labels must lie in [0, {n})")
+    prio = np.zeros(lab.size) if attention is None else np.asarray(attention, dtype=np.float64)
+    grid = _raster(row, col, shape, lab.astype(np.float64), prio.reshape(-1))
+    cmap = _assignment_cmap(k, n_memories)
+    norm = BoundaryNorm(np.arange(n + 1) - 0.5, cmap.N)
+    fig = _figure(shape)
+    ax = fig.add_subplot()
+    img = ax.imshow(
+        np.ma.masked_invalid(grid),
+        cmap=cmap,
+        norm=norm,
+        origin="upper",
+        extent=extent,
+        interpolation="nearest",
+    )
+    shares = np.bincount(lab // k, minlength=n_memories) / max(lab.size, 1)
+    top = int(np.argmax(shares))
+    ax.set_title(
+        _title(slide_id, prob, "Memory assignment", "predicted class")
+        + f"\n{shares[top]:.0%} of patches closest to C^{top}",
+        fontsize=10,
+    )
+    ax.set_xlabel("x (level-0 px)")
+    ax.set_ylabel("y (level-0 px)")
+    step = max(1, n // 16)
+    ticks = list(range(0, n, step))
+    cbar = fig.colorbar(img, ax=ax, shrink=0.9, ticks=ticks, label="memory component")
+    cbar.ax.set_yticklabels([f"C^{t // k}[{t % k}]" for t in ticks], fontsize=7)
     return _save(fig, out_png)

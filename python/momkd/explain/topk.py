@@ -1,7 +1,8 @@
 """Top-k patches per memory component across a cohort (docs/METHOD.md §8, the paper's Figure 4).
 
-:class:`TopKTracker` keeps, for each of the 2K components (C+ then C-), the k patches of the cohort
-with the highest cosine similarity ``<p_i, c_hat>`` seen so far. Each bag contributes only its own
+:class:`TopKTracker` keeps, for each of the 2K components (C+ then C-; with C > 2 classes the C * K
+components of ``c0``, ``c1``, ...), the k patches of the cohort with the highest cosine similarity
+``<p_i, c_hat>`` seen so far. Each bag contributes only its own
 top k per component, which is merged into the running table, so memory is O(2K * k) whatever the
 number of slides and patches.
 """
@@ -21,12 +22,28 @@ import numpy as np
 from momkd._io import atomic_open
 from momkd.errors import DataError
 
-__all__ = ["TOPK_COLUMNS", "TopKTracker", "make_gallery", "read_topk_csv"]
+__all__ = ["TOPK_COLUMNS", "TopKTracker", "make_gallery", "memory_rank", "read_topk_csv"]
 
 logger = logging.getLogger(__name__)
 
 #: Columns of ``topk_patches.csv``.
 TOPK_COLUMNS = ("memory", "component", "rank", "slide_id", "x", "y", "similarity")
+
+
+def memory_rank(name: str) -> int:
+    """Display order of a memory name: ``pos``, ``neg``, then ``c0``, ``c1``, ..."""
+    if name == "pos":
+        return 0
+    if name == "neg":
+        return 1
+    return 2 + int(name[1:]) if name[1:].isdigit() else 1_000_000
+
+
+def _component_label(memory: str, comp: int) -> str:
+    if memory in ("pos", "neg"):
+        return f"C{'+' if memory == 'pos' else '-'}[{comp}]"
+    return f"C^{memory[1:]}[{comp}]"
+
 
 WSI_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif")
 
@@ -37,9 +54,13 @@ class TopKTracker:
     Parameters
     ----------
     k_components : int
-        Components per memory K; the tracker follows 2K columns, C+ components first.
+        Components per memory K; the tracker follows ``len(memories) * K`` columns, memory by
+        memory (C+ components first with the default).
     top_k : int
         Patches kept per component.
+    memories : sequence of str
+        Names of the memories in column order: ``("pos", "neg")`` (two classes) or
+        ``("c0", "c1", ...)`` (C > 2 classes).
 
     Attributes
     ----------
@@ -53,12 +74,17 @@ class TopKTracker:
         Slides in the order they were added.
     """
 
-    def __init__(self, k_components: int, top_k: int) -> None:
+    def __init__(
+        self, k_components: int, top_k: int, memories: Sequence[str] = ("pos", "neg")
+    ) -> None:
         if k_components < 1 or top_k < 1:
             raise DataError(f"top-k: K and top_k must be >= 1, got {k_components}, {top_k}")
+        if len(memories) < 1:
+            raise DataError("top-k: no memories")
         self.k_components = int(k_components)
         self.top_k = int(top_k)
-        c = 2 * self.k_components
+        self.memories = tuple(memories)
+        c = len(self.memories) * self.k_components
         self.similarity = np.full((c, self.top_k), -np.inf, dtype=np.float32)
         self.slide = np.full((c, self.top_k), -1, dtype=np.int64)
         self.xy = np.zeros((c, self.top_k, 2), dtype=np.int64)
@@ -70,9 +96,10 @@ class TopKTracker:
         Parameters
         ----------
         slide_id : str
-        sims : torch.Tensor or np.ndarray, shape (P, 2K)
-            Cosine similarity of every patch to every component (C+ columns first); may live on
-            the GPU: only the slide's top k per column is moved to the host.
+        sims : torch.Tensor or np.ndarray, shape (P, len(memories) * K)
+            Cosine similarity of every patch to every component (memory by memory, C+ columns
+            first by default); may live on the GPU: only the slide's top k per column is moved to
+            the host.
         coords : torch.Tensor or np.ndarray, shape (P, 2)
             Level-0 ``(x, y)`` of each patch.
 
@@ -81,7 +108,7 @@ class TopKTracker:
         import torch
 
         s = torch.as_tensor(sims)
-        c = 2 * self.k_components
+        c = len(self.memories) * self.k_components
         if s.dim() != 2 or s.shape[1] != c:
             raise DataError(
                 f"slide {slide_id!r}: similarities must have shape (P, {c}), got {tuple(s.shape)}"
@@ -110,8 +137,8 @@ class TopKTracker:
     def rows(self) -> list[dict[str, Any]]:
         """The table as dicts with the keys of :data:`TOPK_COLUMNS` (rank starts at 1)."""
         out: list[dict[str, Any]] = []
-        for col in range(2 * self.k_components):
-            memory = "pos" if col < self.k_components else "neg"
+        for col in range(len(self.memories) * self.k_components):
+            memory = self.memories[col // self.k_components]
             comp = col % self.k_components
             for r in range(self.top_k):
                 if self.slide[col, r] < 0:
@@ -217,7 +244,7 @@ def make_gallery(
         logger.warning("patch gallery skipped: no top-k patches")
         return None
     cols = max(int(r["rank"]) for r in rows)
-    comps = sorted({(r["memory"] != "pos", int(r["component"])) for r in rows})
+    comps = sorted({(memory_rank(r["memory"]), int(r["component"])) for r in rows})
     row_of = {key: i for i, key in enumerate(comps)}
     handles: dict[str, Any] = {}
     missing: set[str] = set()
@@ -227,7 +254,7 @@ def make_gallery(
         ax.set_xticks([])
         ax.set_yticks([])
     for r in rows:
-        key = (r["memory"] != "pos", int(r["component"]))
+        key = (memory_rank(r["memory"]), int(r["component"]))
         ax = axes[row_of[key], int(r["rank"]) - 1]
         sid = str(r["slide_id"])
         if sid not in handles and sid not in missing:
@@ -255,8 +282,7 @@ def make_gallery(
             )
         ax.set_title(f"{sid[:18]}\n{float(r['similarity']):.3f}", fontsize=6)
         if int(r["rank"]) == 1:
-            sign = "+" if r["memory"] == "pos" else "-"
-            ax.set_ylabel(f"C{sign}[{int(r['component'])}]", fontsize=8)
+            ax.set_ylabel(_component_label(str(r["memory"]), int(r["component"])), fontsize=8)
     for h in handles.values():
         close = getattr(h, "close", None)
         if callable(close):

@@ -8,7 +8,9 @@ Histology only. For a bag of patch features ``x`` (P, D)::
     s   = Linear(128 -> 1)(a * b)                             (P,)
     w   = softmax of s over the bag's patches                 (P,)
     V   = sum_i w_i h_i                                       (H,)
-    logits = Linear(H -> 2)(V)                                (2,)
+    logits = Linear(H -> C)(V)                                (C,)
+
+C = ``n_classes`` is 2 for binary labels and the number of classes otherwise (softmax head).
 
 Several bags can be processed at once: their patches are concatenated and ``segment_offsets``
 (B + 1,) marks where each bag starts; the softmax and the pooling then run per bag.
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from momkd.errors import ConfigError
 
 if TYPE_CHECKING:
     from momkd.config import RunConfig
@@ -118,7 +122,7 @@ class GatedAttentionPool(nn.Module):
 
 @dataclass
 class ABMILConfig:
-    """Dimensions of the gated-attention MIL baseline."""
+    """Dimensions of the gated-attention MIL baseline (``n_classes`` C >= 2 outputs)."""
 
     d_in: int = 1536
     hidden: int = 512
@@ -126,8 +130,17 @@ class ABMILConfig:
     dropout: float = 0.25
     n_classes: int = 2
 
+    def __post_init__(self) -> None:
+        _check_n_classes(self.n_classes)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_n_classes(n: Any) -> None:
+    """Raise :class:`ConfigError` unless ``n`` is an integer number of classes >= 2."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ConfigError(f"model.n_classes must be an integer >= 2, got {n!r}")
 
 
 @dataclass
@@ -191,7 +204,7 @@ class ABMIL(nn.Module):
         Returns
         -------
         MILOutput
-            logits (B, 2), attention (N,), pooled (B, H).
+            logits (B, C), attention (N,), pooled (B, H).
         """
         del edge_index, expression
         seg = segment_ids(segment_offsets, features.shape[0], features.device)
@@ -214,7 +227,7 @@ class ABMIL(nn.Module):
         out : MILOutput
             The forward output for B bags.
         y : Tensor
-            (B,) int64 labels.
+            (B,) int64 labels in ``[0, C)``.
         expression, weights
             Ignored (common interface).
 
@@ -229,7 +242,7 @@ class ABMIL(nn.Module):
 
     @torch.no_grad()
     def predict(self, features: Tensor, edge_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Histology-only prediction for one bag: class probabilities (2,) and attention (N,)."""
+        """Histology-only prediction for one bag: class probabilities (C,) and attention (N,)."""
         out = self.forward(features, edge_index)
         return torch.softmax(out.logits[0], dim=-1), out.attention
 
@@ -240,7 +253,13 @@ class ABMIL(nn.Module):
 def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
     """:class:`ABMILConfig` arguments from a run configuration (:mod:`momkd.methods`)."""
     m = cfg.model
-    return {"d_in": d_in, "hidden": m.hidden, "attn_dim": m.attention_dim, "dropout": m.dropout}
+    return {
+        "d_in": d_in,
+        "hidden": m.hidden,
+        "attn_dim": m.attention_dim,
+        "dropout": m.dropout,
+        "n_classes": cfg.n_classes,
+    }
 
 
 def build(params: dict[str, Any]) -> ABMIL:

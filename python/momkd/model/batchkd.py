@@ -6,10 +6,11 @@ learns depends on which slides happen to share a batch.
 
 Teacher (training only): the MoMKD omics encoder
 ``Linear(G -> 512) -> LayerNorm -> ReLU -> Dropout -> Linear(512 -> R)`` giving ``t`` (B, R), and a
-teacher classifier ``LayerNorm -> Linear(R -> 128) -> ReLU -> Dropout -> Linear(128 -> 2)``.
+teacher classifier ``LayerNorm -> Linear(R -> 128) -> ReLU -> Dropout -> Linear(128 -> C)``.
 
 Student (the only part used at inference): gated-attention MIL as :class:`~momkd.model.abmil.ABMIL`
-giving the slide embedding ``V`` (B, H) and logits ``s`` (B, 2).
+giving the slide embedding ``V`` (B, H) and logits ``s`` (B, C). C = ``n_classes`` (2 for binary
+labels); both heads are softmax heads and the logit distillation runs over the C classes.
 
 Loss for a mini-batch with labels y::
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from momkd.errors import ConfigError, DataError
-from momkd.model.abmil import GatedAttentionPool, segment_ids
+from momkd.model.abmil import GatedAttentionPool, _check_n_classes, segment_ids
 from momkd.model.histology import make_classifier
 from momkd.model.omics import OmicsEncoder
 
@@ -59,6 +60,9 @@ class BatchKDConfig:
     kd_weight: float = 1.0
     n_classes: int = 2
 
+    def __post_init__(self) -> None:
+        _check_n_classes(self.n_classes)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -70,13 +74,13 @@ class BatchKDOutput:
     Attributes
     ----------
     logits : Tensor
-        (B, 2) student logits (histology only).
+        (B, C) student logits (histology only).
     attention : Tensor
         (N,) student attention weights.
     pooled : Tensor
         (B, H) student slide embeddings V.
     teacher_logits : Tensor | None
-        (B, 2), or None without expression.
+        (B, C), or None without expression.
     teacher_embedding : Tensor | None
         (B, R), or None without expression.
     """
@@ -210,7 +214,7 @@ class BatchKD(nn.Module):
         out : BatchKDOutput
             Forward output of B bags (with expression for the teacher terms).
         y : Tensor
-            (B,) int64 labels.
+            (B,) int64 labels in ``[0, C)``.
         expression, weights
             Unused (the teacher output is already in ``out``).
 
@@ -234,7 +238,7 @@ class BatchKD(nn.Module):
 
     @torch.no_grad()
     def predict(self, features: Tensor, edge_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Histology-only prediction for one bag: probabilities (2,) and attention (N,)."""
+        """Histology-only prediction for one bag: probabilities (C,) and attention (N,)."""
         out = self.forward(features)
         return torch.softmax(out.logits[0], dim=-1), out.attention
 
@@ -265,6 +269,7 @@ def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None
         "classifier_hidden": m.classifier_hidden,
         "temperature": m.batchkd_temperature,
         "kd_weight": cfg.loss.batchkd,
+        "n_classes": cfg.n_classes,
     }
 
 

@@ -3,8 +3,11 @@
 Histology only. For a bag of (already standardised) patch features ``x`` (P, D)::
 
     m      = mean_i x_i                                       (D,)
-    logits = Linear(D -> 2)(m)                                (hidden null: a linear model)
-    logits = Linear(h -> 2)(Dropout(ReLU(Linear(D -> h)(m)))) (hidden h: a one-hidden-layer MLP)
+    logits = Linear(D -> C)(m)                                (hidden null: a linear model)
+    logits = Linear(h -> C)(Dropout(ReLU(Linear(D -> h)(m)))) (hidden h: a one-hidden-layer MLP)
+
+C = ``n_classes`` is 2 for binary labels and the number of classes otherwise (softmax head; with a
+linear head and C > 2 a multinomial logistic regression).
 
 With the linear head this is an L2-regularised logistic regression on each slide's mean patch
 feature (weight decay plays the role of the L2 penalty), trained by the same protocol as every
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from momkd.model.abmil import MILOutput, segment_ids, segment_sum
+from momkd.model.abmil import MILOutput, _check_n_classes, segment_ids, segment_sum
 
 if TYPE_CHECKING:
     from momkd.config import RunConfig
@@ -39,6 +42,9 @@ class MeanPoolConfig:
     hidden: int | None = None
     dropout: float = 0.0
     n_classes: int = 2
+
+    def __post_init__(self) -> None:
+        _check_n_classes(self.n_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +96,7 @@ class MeanPool(nn.Module):
         Returns
         -------
         MILOutput
-            logits (B, 2), attention (N,) uniform within each bag, pooled (B, D) bag means.
+            logits (B, C), attention (N,) uniform within each bag, pooled (B, D) bag means.
         """
         del edge_index, expression
         n = features.shape[0]
@@ -119,7 +125,12 @@ class MeanPool(nn.Module):
 
 def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None) -> dict[str, Any]:
     """:class:`MeanPoolConfig` arguments from a run configuration (:mod:`momkd.methods`)."""
-    return {"d_in": d_in, "hidden": cfg.model.meanpool_hidden, "dropout": cfg.model.dropout}
+    return {
+        "d_in": d_in,
+        "hidden": cfg.model.meanpool_hidden,
+        "dropout": cfg.model.dropout,
+        "n_classes": cfg.n_classes,
+    }
 
 
 def build(params: dict[str, Any]) -> MeanPool:

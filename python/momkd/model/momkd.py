@@ -8,6 +8,10 @@ Data flow for B bags of N patches in total::
     expression (B, G) --omics encoder--> (B, R) --normaliser--> z_o (B, S); --decoder--> recon (B, G)
 
 Inference needs only the first three lines (no omics).
+
+With C > 2 classes (momkd's extension, docs/METHOD.md §2.11) there is one memory per class and one
+attention map per class: a (N, C), V (B, C * H), logits (B, C). The fused kernels cover two classes;
+C > 2 runs the eager functions of :mod:`momkd.memory` and :mod:`momkd.losses`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,8 +29,21 @@ from torch import Tensor, nn
 
 from momkd import kernels
 from momkd.errors import ConfigError, DataError
-from momkd.losses import orthogonality_loss
-from momkd.memory import MEMORY_MODES, ClassMemory, ReduceFn, spherical_kmeans
+from momkd.losses import (
+    align_loss_classes,
+    batched_commitment_loss_classes,
+    class_phi,
+    orthogonality_loss,
+    orthogonality_loss_classes,
+)
+from momkd.memory import (
+    MEMORY_MODES,
+    ClassMemory,
+    ReduceFn,
+    attention_maps,
+    kmeans_class_memories,
+    memory_attention_pool_classes,
+)
 from momkd.model.histology import (
     INPUT_RESIDUALS,
     GraphEncoder,
@@ -43,6 +61,21 @@ logger = logging.getLogger(__name__)
 
 MOMENTUM_SOURCES = ("omics", "wsi")
 
+_NOTED_EAGER = False
+
+
+def _note_eager(n_classes: int) -> None:
+    """Log once per process that C > 2 classes run the eager memory math."""
+    global _NOTED_EAGER
+    if not _NOTED_EAGER:
+        _NOTED_EAGER = True
+        logger.info(
+            "%d classes: the fused memory kernels cover two classes; the memory attention and "
+            "losses run the eager PyTorch implementation",
+            n_classes,
+        )
+
+
 _T = TypeVar("_T", "ModelConfig", "LossWeights")
 
 
@@ -59,6 +92,8 @@ class ModelConfig:
     """Dimensions and hyper-parameters of MoMKD (defaults = the released implementation).
 
     ``omics_hidden`` is the intermediate width of the omics encoder and decoder (512 in the method).
+    ``n_classes`` is the number of classes C (one memory each; C > 2 is momkd's extension,
+    docs/METHOD.md §2.11).
     ``momentum_sources`` selects the teacher embeddings of the momentum update: ``omics`` (z_o)
     and/or ``wsi`` (z_w). ``input_residual`` is the encoder's first residual: ``auto`` (identity
     when ``d_in == hidden``, else a Linear, as released) or ``linear`` (always a Linear).
@@ -102,8 +137,12 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
         if self.hidden % 2:
             raise ConfigError(f"model.hidden must be even (2 attention heads), got {self.hidden}")
-        if self.n_classes != 2:
-            raise ConfigError(f"model.n_classes must be 2 (binary labels), got {self.n_classes}")
+        if (
+            not isinstance(self.n_classes, int)
+            or isinstance(self.n_classes, bool)
+            or self.n_classes < 2
+        ):
+            raise ConfigError(f"model.n_classes must be an integer >= 2, got {self.n_classes!r}")
         for key in ("dropout", "omics_dropout", "attn_dropout"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
@@ -179,19 +218,25 @@ class LossWeights:
 class MoMKDOutput:
     """Outputs of :meth:`MoMKD.forward` for B bags with N patches in total.
 
+    With two classes the shapes are those of the paper's model; with C > 2 classes (docs/METHOD.md
+    §2.11) there is one attention map per class.
+
     Attributes
     ----------
-    logits : (B, 2)
-    attention : (N,) attention weights, summing to 1 within each bag
-    score : (N,) memory score
+    logits : (B, C)
+    attention : (N,) attention weights, summing to 1 within each bag; (N, C) for C > 2, column c
+        the map of class c
+    score : (N,) memory score; (N, C) one-vs-rest scores for C > 2
     patch_proj : (N, S) normalised patch projections p
     features : (N, H) encoder features F
-    pooled : (B, H) attention-pooled features V
+    pooled : (B, H) attention-pooled features V; (B, C * H), the maps' V concatenated, for C > 2
     z_w : (B, S) normalised slide embedding
     z_o : (B, S) normalised omics embedding, or None without expression
     recon : (B, G) reconstructed expression, or None without expression
-    assign_pos, assign_neg : (N,) int64 argmax-cosine component of C+ / C- per patch
+    assign : tuple of C (N,) int64, indexed by class: argmax-cosine component of each class memory
+        per patch (``assign[1]`` is C+, ``assign[0]`` C- with two classes)
     segment_offsets : (B + 1,) int64 bag offsets
+    assign_pos, assign_neg : properties, two classes only: ``assign[1]`` and ``assign[0]``
     """
 
     logits: Tensor
@@ -203,9 +248,31 @@ class MoMKDOutput:
     z_w: Tensor
     z_o: Tensor | None
     recon: Tensor | None
-    assign_pos: Tensor
-    assign_neg: Tensor
+    assign: tuple[Tensor, ...]
     segment_offsets: Tensor = field(repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes C (one assignment per class memory)."""
+        return len(self.assign)
+
+    @property
+    def assign_pos(self) -> Tensor:
+        """(N,) int64 component of C+ per patch (two classes only; ``assign[1]``)."""
+        return self._binary_assign(1)
+
+    @property
+    def assign_neg(self) -> Tensor:
+        """(N,) int64 component of C- per patch (two classes only; ``assign[0]``)."""
+        return self._binary_assign(0)
+
+    def _binary_assign(self, c: int) -> Tensor:
+        if len(self.assign) != 2:
+            raise AttributeError(
+                f"assign_pos/assign_neg exist for two classes; this output has {len(self.assign)} "
+                "(use assign[c])"
+            )
+        return self.assign[c]
 
 
 class MoMKD(nn.Module):
@@ -223,13 +290,15 @@ class MoMKD(nn.Module):
     patch_projector, pool_projector : SphereProjector
         (N, H) -> p (N, S) and (B, H) -> z_w (B, S).
     classifier : nn.Sequential
-        (B, H) -> (B, 2).
+        (B, H) -> (B, 2); (B, C * H) -> (B, C) for C > 2 classes.
     log_tau : nn.Parameter
         () attention temperature parameter theta, ``tau = clamp(exp(theta), tau_min, tau_max)``.
     omics_encoder, omics_decoder, omics_projector
         Omics branch, (B, G) -> (B, R) -> z_o (B, S) and recon (B, G).
     memory : ClassMemory
-        C+ and C- (K, S).
+        C+ and C- (K, S); one (K, S) memory per class for C > 2.
+    maps : tuple of int
+        Classes with an attention map: ``(1,)`` for two classes, every class for C > 2.
     """
 
     def __init__(self, cfg: ModelConfig | None = None) -> None:
@@ -243,10 +312,12 @@ class MoMKD(nn.Module):
             cfg.attn_dropout,
             input_residual=cfg.input_residual,
         )
+        self.maps = attention_maps(cfg.n_classes)
+        pooled_width = len(self.maps) * cfg.hidden
         self.patch_projector = SphereProjector(cfg.hidden, cfg.sphere)
-        self.pool_projector = SphereProjector(cfg.hidden, cfg.sphere)
+        self.pool_projector = SphereProjector(pooled_width, cfg.sphere)
         self.classifier = make_classifier(
-            cfg.hidden, cfg.classifier_hidden, cfg.n_classes, cfg.dropout
+            pooled_width, cfg.classifier_hidden, cfg.n_classes, cfg.dropout
         )
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init), dtype=torch.float32))
         # Without the omics branch (``omics=False``, the ``momkd_histo`` ablation) the model has no
@@ -263,7 +334,12 @@ class MoMKD(nn.Module):
             )
             self.omics_projector = SphereProjector(cfg.omics_width, cfg.sphere)
         self.memory = ClassMemory(
-            cfg.memory_k, cfg.sphere, cfg.memory_update, cfg.momentum, cfg.dead_after
+            cfg.memory_k,
+            cfg.sphere,
+            cfg.memory_update,
+            cfg.momentum,
+            cfg.dead_after,
+            n_classes=cfg.n_classes,
         )
 
     @property
@@ -327,17 +403,32 @@ class MoMKD(nn.Module):
 
         feats = self.histology_encoder(features, edge_index)
         p = self.patch_projector(feats)
-        c_pos_hat, c_neg_hat = self.memory.normalized()
-        pooled, attention, score, assign_pos, assign_neg = kernels.memory_attention_pool(
-            p,
-            feats,
-            c_pos_hat,
-            c_neg_hat,
-            self.log_tau,
-            segment_offsets,
-            tau_min=self.cfg.tau_min,
-            tau_max=self.cfg.tau_max,
-        )
+        assign: tuple[Tensor, ...]
+        if self.cfg.n_classes == 2:
+            c_pos_hat, c_neg_hat = self.memory.normalized()
+            pooled, attention, score, assign_pos, assign_neg = kernels.memory_attention_pool(
+                p,
+                feats,
+                c_pos_hat,
+                c_neg_hat,
+                self.log_tau,
+                segment_offsets,
+                tau_min=self.cfg.tau_min,
+                tau_max=self.cfg.tau_max,
+            )
+            assign = (assign_neg, assign_pos)
+        else:
+            _note_eager(self.cfg.n_classes)
+            pooled, attention, score, assign = memory_attention_pool_classes(
+                p,
+                feats,
+                self.memory.normalized_classes(),
+                self.log_tau,
+                segment_offsets,
+                tau_min=self.cfg.tau_min,
+                tau_max=self.cfg.tau_max,
+                maps=self.maps,
+            )
         logits = self.classifier(pooled)
         z_w = self.pool_projector(pooled)
 
@@ -355,8 +446,7 @@ class MoMKD(nn.Module):
             z_w=z_w,
             z_o=z_o,
             recon=recon,
-            assign_pos=assign_pos,
-            assign_neg=assign_neg,
+            assign=assign,
             segment_offsets=segment_offsets,
         )
 
@@ -370,6 +460,7 @@ class MoMKD(nn.Module):
     def teacher_score(self, expression: Tensor, temp: float = 5.0) -> Tensor:
         """The omics branch's own class score, Δ(z_o) = φ(z_o, C⁺) − φ(z_o, C⁻) (docs/METHOD.md
         §2.4), for B patients in the current mode: how well the teacher separates the classes.
+        With C > 2 classes the class scores φ(z_o, C^c) of every class (docs/METHOD.md §2.11).
 
         Parameters
         ----------
@@ -381,15 +472,18 @@ class MoMKD(nn.Module):
         Returns
         -------
         Tensor
-            (B,) float32; higher means closer to the positive memory.
+            (B,) float32, higher means closer to the positive memory; for C > 2 classes (B, C)
+            float32, column c = φ(z_o, C^c) (higher means closer to class c's memory).
         """
         from momkd.losses import phi
 
         if not self.cfg.omics:
             raise ConfigError("teacher_score: this model has no omics branch")
         z_o, _ = self._omics(self._expression(expression, expression.shape[0]))
-        c_pos_hat, c_neg_hat = self.memory.normalized()
         z = z_o.float()
+        if self.cfg.n_classes != 2:
+            return class_phi(z, self.memory.normalized_classes(), temp)
+        c_pos_hat, c_neg_hat = self.memory.normalized()
         return phi(z, c_pos_hat, temp) - phi(z, c_neg_hat, temp)
 
     @torch.no_grad()
@@ -406,9 +500,9 @@ class MoMKD(nn.Module):
         Returns
         -------
         probs : Tensor
-            (2,) softmax class probabilities (index 1 = positive class).
+            (C,) softmax class probabilities (with two classes index 1 = positive class).
         attention : Tensor
-            (N,) attention weights.
+            (N,) attention weights; (N, C) for C > 2 classes.
         """
         was_training = self.training
         self.eval()
@@ -434,8 +528,12 @@ class MoMKD(nn.Module):
         y = torch.as_tensor(y).reshape(-1)
         if y.numel() != b:
             raise DataError(f"labels: expected {b} label(s) for {b} bag(s), got {y.numel()}")
-        if y.is_floating_point() or bool(((y != 0) & (y != 1)).any()):
-            raise DataError(f"labels: expected integer values 0 or 1, got {y.tolist()}")
+        c = self.cfg.n_classes
+        if c == 2:
+            if y.is_floating_point() or bool(((y != 0) & (y != 1)).any()):
+                raise DataError(f"labels: expected integer values 0 or 1, got {y.tolist()}")
+        elif y.is_floating_point() or bool(((y < 0) | (y >= c)).any()):
+            raise DataError(f"labels: expected integer values in [0, {c}), got {y.tolist()}")
         return y.to(device, torch.int64)
 
     def loss(
@@ -455,7 +553,7 @@ class MoMKD(nn.Module):
         out : MoMKDOutput
             Output of :meth:`forward` (with expression for the omics terms).
         y : Tensor
-            (B,) int64 labels in {0, 1}.
+            (B,) int64 labels in {0, 1} (in ``[0, C)`` for C classes).
         expression : Tensor, optional
             (B, G) or (G,) expression, the reconstruction target; without it ``mse`` is 0.
         w : LossWeights, optional
@@ -472,30 +570,33 @@ class MoMKD(nn.Module):
         w = w if w is not None else LossWeights()
         b = out.logits.shape[0]
         y = self._labels(y, b, out.logits.device)
-        c_pos_hat, c_neg_hat = self.memory.normalized()
-        zero = torch.zeros((), device=out.logits.device, dtype=torch.float32)
+        if self.cfg.n_classes != 2:
+            ce, commit, orth, mem, align_omics, align_wsi = self._class_terms(out, y, w)
+        else:
+            c_pos_hat, c_neg_hat = self.memory.normalized()
+            zero = torch.zeros((), device=out.logits.device, dtype=torch.float32)
 
-        ce = F.cross_entropy(out.logits.float(), y)
-        commit = kernels.batched_commitment_loss(
-            out.patch_proj, self.memory.pos, self.memory.neg, y, out.segment_offsets
-        )
-        n_pos = (y == 1).to(torch.float32).sum()
-        orth = (
-            n_pos * orthogonality_loss(c_pos_hat) + (b - n_pos) * orthogonality_loss(c_neg_hat)
-        ) / b
-        mem = commit + w.orth * orth
-        align = {"margin": w.align_margin, "scale": w.align_scale, "temp": w.align_temp}
-        align_wsi = kernels.align_loss(out.z_w, y, c_pos_hat, c_neg_hat, **align).mean()
-        align_omics = (
-            kernels.align_loss(out.z_o, y, c_pos_hat, c_neg_hat, **align).mean()
-            if out.z_o is not None
-            else zero
-        )
+            ce = F.cross_entropy(out.logits.float(), y)
+            commit = kernels.batched_commitment_loss(
+                out.patch_proj, self.memory.pos, self.memory.neg, y, out.segment_offsets
+            )
+            n_pos = (y == 1).to(torch.float32).sum()
+            orth = (
+                n_pos * orthogonality_loss(c_pos_hat) + (b - n_pos) * orthogonality_loss(c_neg_hat)
+            ) / b
+            mem = commit + w.orth * orth
+            align = {"margin": w.align_margin, "scale": w.align_scale, "temp": w.align_temp}
+            align_wsi = kernels.align_loss(out.z_w, y, c_pos_hat, c_neg_hat, **align).mean()
+            align_omics = (
+                kernels.align_loss(out.z_o, y, c_pos_hat, c_neg_hat, **align).mean()
+                if out.z_o is not None
+                else zero
+            )
         if expression is not None and out.recon is not None:
             target = self._expression(expression, b).to(out.recon.device)
             mse = F.mse_loss(out.recon.float(), target)
         else:
-            mse = zero
+            mse = torch.zeros((), device=out.logits.device, dtype=torch.float32)
         total = (
             w.ce * ce
             + w.mem * mem
@@ -514,11 +615,32 @@ class MoMKD(nn.Module):
         }
         return total, terms
 
+    def _class_terms(
+        self, out: MoMKDOutput, y: Tensor, w: LossWeights
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``ce, commit, orth, mem, align_omics, align_wsi`` for C > 2 classes (docs/METHOD.md
+        §2.11), in eager PyTorch; with two classes they equal the binary terms."""
+        _note_eager(self.cfg.n_classes)
+        c_hats = self.memory.normalized_classes()
+        zero = torch.zeros((), device=out.logits.device, dtype=torch.float32)
+        align = {"margin": w.align_margin, "scale": w.align_scale, "temp": w.align_temp}
+        ce = F.cross_entropy(out.logits.float(), y)
+        commit = batched_commitment_loss_classes(
+            out.patch_proj, self.memory.memories(), y, out.segment_offsets
+        )
+        orth = orthogonality_loss_classes(c_hats, y)
+        mem = commit + w.orth * orth
+        align_wsi = align_loss_classes(out.z_w, y, c_hats, **align).mean()
+        align_omics = (
+            align_loss_classes(out.z_o, y, c_hats, **align).mean() if out.z_o is not None else zero
+        )
+        return ce, commit, orth, mem, align_omics, align_wsi
+
     @torch.no_grad()
     def init_memory(
         self, pos_embeddings: Tensor, neg_embeddings: Tensor, *, iters: int = 20, seed: int = 0
     ) -> None:
-        """Initialise C+ and C- by spherical k-means (docs/METHOD.md §2.5).
+        """Initialise C+ and C- of a two-class model by spherical k-means (docs/METHOD.md §2.5).
 
         Parameters
         ----------
@@ -529,12 +651,41 @@ class MoMKD(nn.Module):
         seed : int
             Seed of the positive memory's initial points; the negative memory uses ``seed + 1``.
         """
-        k = self.cfg.memory_k
-        pos = spherical_kmeans(pos_embeddings, k, iters=iters, seed=seed)
-        neg = spherical_kmeans(neg_embeddings, k, iters=iters, seed=seed + 1)
-        self.memory.set_memories(pos.to(self.memory.pos.device), neg.to(self.memory.neg.device))
+        if self.cfg.n_classes != 2:
+            raise ConfigError(
+                f"init_memory: the model has {self.cfg.n_classes} classes; use init_memory_classes"
+            )
+        self.init_memory_classes([neg_embeddings, pos_embeddings], iters=iters, seed=seed)
+
+    @torch.no_grad()
+    def init_memory_classes(
+        self, embeddings: Sequence[Tensor], *, iters: int = 20, seed: int = 0
+    ) -> None:
+        """Initialise every class memory by per-class spherical k-means (docs/METHOD.md §2.5,
+        §2.11).
+
+        Parameters
+        ----------
+        embeddings : sequence of Tensor
+            Indexed by class: ``embeddings[c]`` is (M_c, S), M_c >= K, patch projections of
+            training slides of class c.
+        iters : int
+            k-means iterations.
+        seed : int
+            Class c uses ``seed + (C - 1 - c)``: with two classes C+ ``seed`` and C- ``seed + 1``,
+            as :meth:`init_memory`.
+        """
+        n = self.cfg.n_classes
+        if len(embeddings) != n:
+            raise DataError(
+                f"init_memory_classes: expected embeddings of {n} classes, got {len(embeddings)}"
+            )
+        centroids = kmeans_class_memories(embeddings, self.cfg.memory_k, iters=iters, seed=seed)
+        device = self.memory.class_memory(0).device
+        self.memory.set_class_memories([c.to(device) for c in centroids])
         logger.debug(
-            "memory initialised from %d / %d embeddings", len(pos_embeddings), len(neg_embeddings)
+            "memory initialised from %s embeddings per class",
+            " / ".join(str(len(e)) for e in embeddings),
         )
 
     @torch.no_grad()
@@ -549,7 +700,7 @@ class MoMKD(nn.Module):
         out : MoMKDOutput
             The step's forward output (z_o and/or z_w per ``momentum_sources``).
         y : Tensor
-            (B,) int64 labels.
+            (B,) int64 labels in ``[0, C)``.
         reduce_fn : callable, optional
             Combines ``(sums, counts)`` across data-parallel ranks before the update.
         """
@@ -605,6 +756,7 @@ def params_from_config(cfg: RunConfig, method: str, d_in: int, genes: int | None
         "tau_min": m.tau_min,
         "tau_max": m.tau_max,
         "classifier_hidden": m.classifier_hidden,
+        "n_classes": cfg.n_classes,
         "memory_update": cfg.memory.update,
         "momentum": cfg.memory.momentum,
         "dead_after": cfg.memory.dead_after,
