@@ -196,7 +196,8 @@ class GenomicsPreprocessor:
         x_train
             ``(n, G)`` expression of the fold's training patients (raw or log).
         y_train
-            ``(n,)`` 0/1 labels of those patients.
+            ``(n,)`` class indices of those patients (0/1; 0..C-1 for C classes: the ANOVA F test
+            and XGBoost both rank genes across every class).
         gene_names
             ``(G,)`` column names (default ``"0"``, ``"1"``, ...).
 
@@ -208,7 +209,8 @@ class GenomicsPreprocessor:
         Raises
         ------
         DataError
-            Shape mismatch, NaN/Inf, labels other than 0/1 or a single class, negative values when
+            Shape mismatch, NaN/Inf, labels that are not class indices or a single class, negative
+            values when
             the log is applied, genes of the list missing from ``gene_names``.
         ConfigError
             ``n_genes`` larger than ``G``; ``xgboost`` selection without the package.
@@ -221,8 +223,11 @@ class GenomicsPreprocessor:
             )
         if y.shape != (x.shape[0],):
             raise DataError(f"genomics: {x.shape[0]} training rows but labels of shape {y.shape}")
-        if not np.isin(y, (0, 1)).all():
-            raise DataError(f"genomics: labels must be 0/1, got {sorted(set(y.tolist()))}")
+        if y.dtype.kind not in "iub" or (y < 0).any():
+            raise DataError(
+                f"genomics: labels must be class indices (0/1, or 0..C-1), got "
+                f"{sorted(set(y.tolist()))[:10]}"
+            )
         if len(np.unique(y)) < 2 and self.selection != "list":
             raise DataError(
                 "genomics: the training patients have a single class; cannot rank genes"
@@ -258,7 +263,7 @@ class GenomicsPreprocessor:
             assert self.gene_list is not None
             index = {g: i for i, g in enumerate(names)}
             selected = np.array([index[g] for g in self.gene_list], dtype=np.int64)
-            scores = _anova(z, y)[selected] if len(np.unique(y)) == 2 else np.zeros(len(selected))
+            scores = _anova(z, y)[selected] if len(np.unique(y)) >= 2 else np.zeros(len(selected))
         else:
             f_scores = _anova(z, y)
             if self.selection == "anova":
