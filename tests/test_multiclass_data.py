@@ -121,3 +121,16 @@ def test_train_refuses_a_class_too_small_for_the_folds_before_writing(tmp_path: 
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "'C' has 2 patient(s)" in err[0], res.stderr
     assert not out.exists()
+
+
+def test_small_validation_warning_counts_every_class(caplog: pytest.LogCaptureFixture) -> None:
+    from momkd.config import load_config
+    from momkd.train.runner import _warn_small_validation
+    from momkd.train.splits import Split
+
+    cfg = load_config(None, ["data.classes=[A,B,C]", "train.monitor=val_auc"])
+    val = tuple(f"s{i}" for i in range(12))
+    label_of = {s: i % 3 for i, s in enumerate(val)}
+    with caplog.at_level("WARNING"):
+        _warn_small_validation(cfg, [Split((), val, ())], [0], label_of, {s: s for s in val})
+    assert "fold 0: 12 slides, 4 A, 4 B, 4 C" in caplog.text

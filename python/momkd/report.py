@@ -732,11 +732,11 @@ def write_report(
         curves = figure_html(roc, "One-vs-rest ROC curves per class and fold (test predictions)")
         confusion = (summary.get("pooled") or {}).get("confusion")
         if confusion:
-            fig = confusion_figure(
+            cm_png = confusion_figure(
                 confusion, classes, png_dir / "confusion.png", "Pooled test predictions"
             )
             curves += figure_html(
-                fig, "Confusion matrix of the pooled test predictions (most probable class)"
+                cm_png, "Confusion matrix of the pooled test predictions (most probable class)"
             )
         sections.append(("curves", "ROC per class and confusion matrix", curves))
     elif preds:
@@ -789,14 +789,14 @@ def write_report(
                 ext_preds[f"fold {k}"] = read_predictions(d / "external_predictions.csv")
         ext_preds = {k: v for k, v in ext_preds.items() if np.all(v["label"] >= 0)}
     if ext_preds and classes:
-        fig = class_roc_figure(
+        ext_png = class_roc_figure(
             ext_preds,
             classes,
             png_dir / "external_roc_classes.png",
             "External cohort one-vs-rest ROC per class",
         )
-        if fig is not None:
-            ext_html += figure_html(fig, "External cohort one-vs-rest ROC curves per class")
+        if ext_png is not None:
+            ext_html += figure_html(ext_png, "External cohort one-vs-rest ROC curves per class")
     elif ext_preds:
         fig = roc_pr_figure(
             ext_preds,

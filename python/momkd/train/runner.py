@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from momkd.config import RunConfig, load_config
 from momkd.data.clinical import (
     ClinicalTable,
@@ -348,6 +350,14 @@ def _warn_small_validation(
             values = list(labels.values())
         else:
             values = [label_of[s] for s in split.val]
+        if cfg.n_classes > 2:
+            counts = np.bincount(values, minlength=cfg.n_classes)
+            if len(values) < 20 or counts.min() < 5:
+                per = ", ".join(
+                    f"{n} {name}" for name, n in zip(cfg.class_names, counts.tolist(), strict=True)
+                )
+                small.append(f"fold {fold}: {len(values)} {unit}, {per}")
+            continue
         n_pos = int(sum(values))
         n_neg = len(values) - n_pos
         if len(values) < 20 or min(n_pos, n_neg) < 5:
