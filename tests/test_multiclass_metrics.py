@@ -118,3 +118,16 @@ def test_paired_test_equals_explicit_resampling() -> None:
     # The same method against itself: no difference, p = 1.
     same = paired_macro_auc_test(y, pa, pa, n=100, seed=3)
     assert same["auc_diff"] == 0.0 and same["p_value"] == 1.0
+
+
+def test_patient_means_average_each_class_column() -> None:
+    from momkd.scoring import patient_means
+
+    p = np.array([[0.2, 0.3, 0.5], [0.4, 0.4, 0.2], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    ids, y, pm = patient_means(
+        ["a", "b", "a", ""], [2, 0, 2, 1], p, slide_ids=["s1", "s2", "s3", "s4"]
+    )
+    assert ids == ["a", "b", "s4"] and y.tolist() == [2, 0, 1]
+    np.testing.assert_allclose(pm, [[0.15, 0.55, 0.3], [0.4, 0.4, 0.2], [0.3, 0.3, 0.4]])
+    with pytest.raises(DataError, match="patient 'a'"):
+        patient_means(["a", "a"], [0, 1], p[:2])

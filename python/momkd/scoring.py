@@ -8,7 +8,6 @@ class). The headline ``auc`` is the binary AUC or the macro one-vs-rest AUC.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,9 +124,3 @@ def patient_means(
         elif first[j] != labels[i]:
             raise DataError(f"metrics: patient '{list(index)[j]}' has slides with different labels")
     return list(index), first, sums / counts[:, None]
-
-
-def macro_auc(y: Any, probs: Any) -> float:
-    """The headline AUC of :func:`metrics` alone (NaN when undefined)."""
-    value = metrics(y, probs).get("auc", math.nan)
-    return float(value)
