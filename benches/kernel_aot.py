@@ -173,7 +173,7 @@ def drive(pt: Point) -> list[Launch]:
             [out[0], out[5]], [torch.ones_like(out[0]), torch.ones_like(out[5])]
         )
         ma.batched_commitment_loss(p, mem, mem, labels, off).backward()
-        del p, f, out
+        del p, f, out, outc
         z = torch.zeros(pt.B, pt.S, dtype=dtype, requires_grad=True)
         c_pos = mem.clone().requires_grad_(True)
         c_neg = mem.clone().requires_grad_(True)
