@@ -168,9 +168,9 @@ def drive(pt: Point) -> list[Launch]:
         f = torch.zeros(n, pt.D, dtype=dtype, requires_grad=True)
         out = ma.memory_attention_pool(p, f, mem, mem, log_tau, off)
         torch.autograd.backward(out[:3], [torch.ones_like(t) for t in out[:3]])
-        out = ma.memory_attention_pool_commit(p, f, mem, mem, log_tau, off, mem, mem, labels)
+        outc = ma.memory_attention_pool_commit(p, f, mem, mem, log_tau, off, mem, mem, labels)
         torch.autograd.backward(
-            [out[0], out[5]], [torch.ones_like(out[0]), torch.ones_like(out[5])]
+            [outc[0], outc[5]], [torch.ones_like(outc[0]), torch.ones_like(outc[5])]
         )
         ma.batched_commitment_loss(p, mem, mem, labels, off).backward()
         del p, f, out, outc
