@@ -282,6 +282,7 @@ def describe(
         "constexprs": {k: consts[k] for k in names if k in consts},
         "num_warps": options.get("num_warps"),
         "num_stages": options.get("num_stages"),
+        "maxnreg": options.get("maxnreg"),
         "pointers": pointers,
         "divisible_by_16": [k for k in names if k in aligned],
     }

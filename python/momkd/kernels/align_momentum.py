@@ -442,9 +442,24 @@ def _momentum_step_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _warps(k: int, s: int) -> int:
-    # A momentum program holds (K, S) statistics and the memory update in registers.
-    return 8 if block_size(k) * block_size(s) >= 2048 else 4
+def _momentum_blocks(k: int, s: int) -> dict[str, int]:
+    """Tiles, warps and register ceiling of ``_momentum_stats_kernel`` and ``_momentum_step_kernel``.
+
+    A program holds a class's (K, S) statistics and memory update in registers; there is one
+    program per class, so occupancy is irrelevant and ``maxnreg=255`` lets ptxas use the whole
+    register file instead of its occupancy-driven target (64-96 registers on sm_90, which spilled
+    4-16 bytes at K = 64). ``benches/kernel_aot.py`` checks that these choices compile without
+    register spills.
+    """
+    block_k, block_s = block_size(k), block_size(s)
+    return {
+        "BLOCK_M": 16,
+        "BLOCK_K": block_k,
+        "BLOCK_S": block_s,
+        "BLOCK_SC": _block_sc(s),
+        "num_warps": 8 if block_k * block_s >= 2048 else 4,
+        "maxnreg": 255,
+    }
 
 
 def _block_b(b: int) -> int:
@@ -618,9 +633,7 @@ def momentum_stats(
     _momentum_stats_kernel[(c,)](
         mems_hat.to(torch.float32).contiguous(), emb.contiguous(),
         labels.to(device=dev, dtype=torch.int64).contiguous(), sums, counts,
-        emb.shape[0], k, s, PRECISION=precision_code(),
-        BLOCK_M=16, BLOCK_K=block_size(k), BLOCK_S=block_size(s), BLOCK_SC=_block_sc(s),
-        num_warps=_warps(k, s),
+        emb.shape[0], k, s, PRECISION=precision_code(), **_momentum_blocks(k, s),
     )  # fmt: skip
     return sums, counts
 
@@ -731,6 +744,5 @@ def momentum_step(
         emb.to(pos.device).contiguous(),
         labels.to(device=pos.device, dtype=torch.int64).contiguous(),
         emb.shape[0], k, s, r, int(dead_after), float(m), 1.0 - float(m),
-        PRECISION=precision_code(), BLOCK_M=16, BLOCK_K=block_size(k), BLOCK_S=block_size(s),
-        BLOCK_SC=_block_sc(s), num_warps=_warps(k, s),
+        PRECISION=precision_code(), **_momentum_blocks(k, s),
     )  # fmt: skip
