@@ -17,7 +17,7 @@ The kernel precision (``train.kernel_precision``, set with :func:`set_kernel_pre
 products (``<p_i, c_k>``, ``<z, c_k>``, embedding-to-memory assignment): ``ieee`` (fp32, arg-maxima
 equal to an fp32 matmul's: the parity path), ``tf32`` or ``bf16`` (tensor cores, fp32
 accumulation). The eager reference always computes in fp32. Tolerances against it are in
-docs/METHOD.md (kernel precision).
+docs/KERNELS.md ("Kernel precision").
 
 Fused implementations plug in by name: ``_FUSED_SOURCES`` maps an op to ``(module, attribute)`` and
 the module is imported lazily on first use; :func:`register_fused` installs one explicitly. A fused
