@@ -91,6 +91,14 @@ print(json.dumps(info))
 EOF
 log "env: $(cat "$OUT/env.json")"
 
+# 1b. ahead-of-time compile report ----------------------------------------------------------------
+# First, so that the first GPU also confirms what benches/kernel_aot.py reports without one: every
+# kernel compiles for this and the other architectures, with registers, spills and tensor cores.
+log "ahead-of-time kernel report (benches/kernel_aot.py --grid presets)"
+"$PY" benches/kernel_aot.py --grid presets --json "$OUT/kernel_aot.json" \
+  --markdown "$OUT/kernel_aot.md" >"$OUT/kernel_aot.log" 2>&1
+log "  exit $?: $(tail -n 1 "$OUT/kernel_aot.log")"
+
 # 2. tests ---------------------------------------------------------------------------------------
 if [[ "${MOMKD_SKIP_TESTS:-0}" != "1" ]]; then
   log "pytest -m gpu tests"

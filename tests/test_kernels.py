@@ -205,6 +205,9 @@ ATTN_CASES = {
     "bags-1-16-23": ([5, 16, 1, 23], 4, 16, 24),
     "k1-odd-dims": ([19, 2], 1, 5, 7),
     "h-over-block": ([17, 33], 16, 8, 130),
+    # K and S past one tile: the similarity sums loop over K tiles of 16 and S chunks of 16.
+    "k17-s40": ([21, 4], 17, 40, 12),
+    "k33-s40": ([9, 30], 33, 40, 10),
 }
 
 
@@ -221,7 +224,7 @@ def test_memory_attention_fp32_matches_reference(case: str, which: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["ragged-bag", "bags-1-16-23"])
+@pytest.mark.parametrize("case", ["ragged-bag", "bags-1-16-23", "k17-s40"])
 def test_memory_attention_low_precision_inputs(case: str, dtype: torch.dtype) -> None:
     x = attn_inputs(*ATTN_CASES[case], dtype=dtype, seed=3)
     check_same(run_fused(x, "all"), run_reference(x, "all"), dtype)
@@ -259,7 +262,9 @@ def test_memory_attention_ties_pick_lowest_index() -> None:
     assert (got["argmax_pos"] != 4).all() and (got["argmax_pos"] != 3).all()
 
 
-@pytest.mark.parametrize("case", ["one-patch", "bags-1-16-23", "k1-odd-dims", "h-over-block"])
+@pytest.mark.parametrize(
+    "case", ["one-patch", "bags-1-16-23", "k1-odd-dims", "h-over-block", "k33-s40"]
+)
 def test_memory_attention_commit_matches_reference(case: str) -> None:
     x = attn_inputs(*ATTN_CASES[case], seed=7 + len(case))
     got, want = run_fused(x, "all", commit=True), run_reference(x, "all", commit=True)
@@ -369,7 +374,10 @@ def run_align(fn: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (5, 3, 8, torch.float32),
         (37, 16, 16, torch.float32),
         (20, 4, 64, torch.float32),
+        (11, 17, 40, torch.float32),  # K past 16, S in chunks of 16, S split over programs
+        (6, 33, 40, torch.float32),
         (9, 3, 8, torch.float16),
+        (7, 33, 40, torch.float16),
         (9, 3, 8, torch.bfloat16),
     ],
 )
@@ -398,7 +406,9 @@ def test_align_loss_hand_value() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("m_rows,k,s", [(0, 3, 8), (1, 1, 8), (7, 3, 8), (40, 16, 16)])
+@pytest.mark.parametrize(
+    "m_rows,k,s", [(0, 3, 8), (1, 1, 8), (7, 3, 8), (40, 16, 16), (23, 17, 40), (37, 33, 40)]
+)
 def test_momentum_stats_and_apply_match_reference(m_rows: int, k: int, s: int) -> None:
     g = torch.Generator().manual_seed(m_rows + k)
     mems = torch.randn(2, k, s, generator=g).to(DEVICE)
@@ -415,9 +425,12 @@ def test_momentum_stats_and_apply_match_reference(m_rows: int, k: int, s: int) -
     assert torch.equal(new[untouched], mems[untouched])
 
 
-def test_momentum_step_matches_class_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOMKD_FORCE_EAGER", "1")  # the oracle must not dispatch to the kernels
-    k, s, dead_after, ring = 4, 8, 2, 3
+def _momentum_step_against_class_memory(
+    k: int, s: int, schedule: list[tuple[int, int | None]]
+) -> int:
+    """Run ``schedule`` ((rows, only this class or None) per step) through ClassMemory and
+    momentum_step side by side, compare the states after every step; returns the re-seeds seen."""
+    dead_after, ring = 2, 3
     torch.manual_seed(0)
     eager = ClassMemory(k, s, mode="momentum", momentum=0.9, dead_after=dead_after, ring_size=ring)
     fused = ClassMemory(k, s, mode="momentum", momentum=0.9, dead_after=dead_after, ring_size=ring)
@@ -425,8 +438,6 @@ def test_momentum_step_matches_class_memory(monkeypatch: pytest.MonkeyPatch) -> 
     fused.to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     g = torch.Generator().manual_seed(1)
-    schedule = [(3, None), (0, None), (2, 1), (5, None), (1, 0), (0, None), (4, 1), (6, None),
-                (2, 0), (3, 1), (1, None), (7, None)]  # fmt: skip
     reseeds = 0
     for step, (m_rows, only) in enumerate(schedule):
         # Embeddings near component 0 of their class, so the other components go unused and die.
@@ -457,7 +468,21 @@ def test_momentum_step_matches_class_memory(monkeypatch: pytest.MonkeyPatch) -> 
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} @ {step}")
             else:
                 assert torch.equal(got, want), f"{name} @ step {step}"
-    assert reseeds > 0, "the schedule must exercise re-seeding"
+    return reseeds
+
+
+def test_momentum_step_matches_class_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOMKD_FORCE_EAGER", "1")  # the oracle must not dispatch to the kernels
+    schedule = [(3, None), (0, None), (2, 1), (5, None), (1, 0), (0, None), (4, 1), (6, None),
+                (2, 0), (3, 1), (1, None), (7, None)]  # fmt: skip
+    assert _momentum_step_against_class_memory(4, 8, schedule) > 0, "must exercise re-seeding"
+
+
+@pytest.mark.parametrize("k,s", [(17, 40), (33, 40)])
+def test_momentum_step_k_and_s_loops(monkeypatch: pytest.MonkeyPatch, k: int, s: int) -> None:
+    # K past one tile of 16 and S in chunks of 16 (the normalisation and similarity loops).
+    monkeypatch.setenv("MOMKD_FORCE_EAGER", "1")
+    _momentum_step_against_class_memory(k, s, [(9, None), (0, None), (6, 1), (11, None), (3, 0)])
 
 
 def test_momentum_step_validates_state() -> None:
@@ -468,6 +493,50 @@ def test_momentum_step_validates_state() -> None:
             torch.zeros(1, 8, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),
             0.99, 5,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel precision (train.kernel_precision): tf32 / bf16 similarity products
+# --------------------------------------------------------------------------------------------------
+
+#: Largest deviation from the fp32 reference relative to the tensor's scale, for outputs and
+#: gradients and for the temperature gradient (a sum of cancelling terms), as stated in
+#: docs/KERNELS.md ("Kernel precision"); under the interpreter the products are emulated
+#: (momkd.kernels._dot).
+PRECISION_TOL = {"tf32": 2e-3, "bf16": 2e-2}
+PRECISION_TOL_DTAU = {"tf32": 1e-2, "bf16": 5e-2}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.float().abs().max().item()
+    return (got.float() - want.float()).abs().max().item() / max(scale, 1e-30)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_kernel_precision_within_stated_tolerance(precision: str) -> None:
+    from momkd import kernels
+
+    x = attn_inputs([40, 23], 17, 40, 12, seed=21)
+    want = run_reference(x, "all")
+    with kernels.kernel_precision(precision):
+        got = run_fused(x, "all")
+    exact = run_fused(x, "all")
+    same = (got["argmax_pos"] == want["argmax_pos"]) & (got["argmax_neg"] == want["argmax_neg"])
+    assert same.float().mean().item() >= 0.95
+    for key in ("pooled", "attention", "score", "df"):
+        assert _rel_err(got[key], want[key]) <= PRECISION_TOL[precision], key
+    assert _rel_err(got["dlt"], want["dlt"]) <= PRECISION_TOL_DTAU[precision]
+    # A row whose arg-max flipped takes another component's gradient: compare the others.
+    assert _rel_err(got["dp"][same], want["dp"][same]) <= PRECISION_TOL[precision]
+    # The reduced precision is really in effect (emulated under the interpreter).
+    assert _rel_err(got["score"], exact["score"]) > 1e-6
+
+    xa = align_inputs(12, 17, 40, torch.float32, seed=4)
+    want_a = run_align(ref.align_loss_reference, xa)
+    with kernels.kernel_precision(precision):
+        got_a = run_align(am.align_loss, xa)
+    for key in want_a:
+        assert _rel_err(got_a[key], want_a[key]) <= PRECISION_TOL[precision], key
 
 
 # --------------------------------------------------------------------------------------------------

@@ -310,6 +310,11 @@ class TrainConfig:
     kernels: Literal["auto", "triton", "eager"] = _f(
         "auto", "memory kernels: auto (Triton on CUDA), triton (CPU: TRITON_INTERPRET=1) or eager"
     )
+    kernel_precision: Literal["ieee", "tf32", "bf16"] = _f(
+        "ieee",
+        "input precision of the fused kernels' similarity products: ieee (fp32, parity), tf32 or "
+        "bf16 (tensor cores, fp32 accumulation)",
+    )
     num_threads: int | None = _f(None, "loader threads (null: automatic)")
     prefetch: int = _f(4, "bags prefetched ahead of the model")
     max_patches: int | None = _f(

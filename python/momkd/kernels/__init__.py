@@ -12,6 +12,13 @@ The model calls the functions of this module only. The kernel mode (``train.kern
 
 ``MOMKD_FORCE_EAGER=1`` in the environment selects the eager reference in every mode.
 
+The kernel precision (``train.kernel_precision``, set with :func:`set_kernel_precision` or the
+:func:`kernel_precision` context) decides the input precision of the fused kernels' similarity
+products (``<p_i, c_k>``, ``<z, c_k>``, embedding-to-memory assignment): ``ieee`` (fp32, arg-maxima
+equal to an fp32 matmul's: the parity path), ``tf32`` or ``bf16`` (tensor cores, fp32
+accumulation). The eager reference always computes in fp32. Tolerances against it are in
+docs/KERNELS.md ("Kernel precision").
+
 Fused implementations plug in by name: ``_FUSED_SOURCES`` maps an op to ``(module, attribute)`` and
 the module is imported lazily on first use; :func:`register_fused` installs one explicitly. A fused
 function must have the reference's signature and return the same values (up to per-dtype
@@ -34,11 +41,12 @@ import torch
 from torch import Tensor
 
 from momkd.errors import ConfigError
-from momkd.kernels import reference
+from momkd.kernels import _triton_utils, reference
 from momkd.kernels.reference import segment_ids
 
 __all__ = [
     "KERNEL_MODES",
+    "KERNEL_PRECISIONS",
     "align_loss",
     "batched_commitment_loss",
     "check_kernel_mode",
@@ -46,7 +54,9 @@ __all__ = [
     "fused_available",
     "fused_impl",
     "get_kernel_mode",
+    "get_kernel_precision",
     "kernel_mode",
+    "kernel_precision",
     "memory_attention_pool",
     "momentum_apply",
     "momentum_stats",
@@ -54,6 +64,7 @@ __all__ = [
     "register_fused",
     "segment_ids",
     "set_kernel_mode",
+    "set_kernel_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +88,9 @@ _FUSED_SOURCES: dict[str, tuple[str, str]] = {
 
 #: Modes of ``train.kernels``.
 KERNEL_MODES = ("auto", "triton", "eager")
+
+#: Values of ``train.kernel_precision``.
+KERNEL_PRECISIONS = _triton_utils.PRECISIONS
 
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 _MODE = "auto"
@@ -201,6 +215,39 @@ def kernel_mode(mode: str, device: torch.device | str | None = None) -> Iterator
         yield
     finally:
         set_kernel_mode(previous)
+
+
+def get_kernel_precision() -> str:
+    """The current kernel precision, one of :data:`KERNEL_PRECISIONS`."""
+    return _triton_utils._PRECISION[0]
+
+
+def set_kernel_precision(precision: str) -> str:
+    """Select the input precision of the fused kernels' similarity products for all following
+    launches; returns the previous one.
+
+    Raises
+    ------
+    ConfigError
+        ``precision`` is not one of :data:`KERNEL_PRECISIONS`.
+    """
+    if precision not in KERNEL_PRECISIONS:
+        raise ConfigError(
+            f"train.kernel_precision must be one of {list(KERNEL_PRECISIONS)}, got {precision!r}"
+        )
+    previous = _triton_utils._PRECISION[0]
+    _triton_utils._PRECISION[0] = precision
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_precision(precision: str) -> Iterator[None]:
+    """Context manager form of :func:`set_kernel_precision`; the previous precision is restored."""
+    previous = set_kernel_precision(precision)
+    try:
+        yield
+    finally:
+        set_kernel_precision(previous)
 
 
 def fused_impl(op: str, *tensors: Tensor) -> Callable[..., Any] | None:

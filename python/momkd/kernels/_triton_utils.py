@@ -14,12 +14,28 @@ import torch
 from momkd.errors import DataError
 
 __all__ = [
+    "PRECISIONS",
     "block_size",
     "chunk_map",
     "interpreting",
+    "precision_code",
     "triton_available",
     "validate_offsets",
 ]
+
+
+#: Input precision of the similarity products (``train.kernel_precision``), by constexpr code:
+#: ``ieee`` (fp32 FMA, bit-faithful arg-maxima), ``tf32`` (tensor cores, fp32 operands rounded to
+#: 10 mantissa bits), ``bf16`` (tensor cores, bf16 operands); accumulation is fp32 in every case.
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+#: The precision the launchers read; set through :func:`momkd.kernels.set_kernel_precision`.
+_PRECISION = ["ieee"]
+
+
+def precision_code() -> int:
+    """The constexpr code (index into :data:`PRECISIONS`) of the current kernel precision."""
+    return PRECISIONS.index(_PRECISION[0])
 
 
 def interpreting() -> bool:

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from momkd.errors import DataError
-from momkd.kernels._triton_utils import block_size, interpreting
+from momkd.kernels._dot import sim_dot
+from momkd.kernels._triton_utils import block_size, interpreting, precision_code
 
 __all__ = ["align_loss", "momentum_apply", "momentum_stats", "momentum_step"]
 
@@ -54,9 +55,43 @@ def _log1p(t):
 
 
 @triton.jit
-def _soft_max_sim(z, c, kmask, temp):
-    """phi and softmax weights of a (BLOCK_B, BLOCK_S) tile against a (BLOCK_K, BLOCK_S) memory."""
-    t = temp * tl.dot(z, tl.trans(c), input_precision="ieee")
+def _memory_sims(
+    x_ptr,  # (R, S) rows, any float dtype
+    rows,
+    rmask,
+    cpos_ptr,  # (K, S) fp32
+    cneg_ptr,  # (K, S) fp32
+    ks,
+    kmask,
+    S,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
+):
+    """<x_r, c+_k> and <x_r, c-_k> as (BLOCK_R, BLOCK_K) fp32 tiles, summed over S in chunks of
+    BLOCK_SC columns (only chunks of x and of the memories are live: no spills at any K, S)."""
+    sim_pos = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    sim_neg = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_SC):
+        cs = s0 + tl.arange(0, BLOCK_SC)
+        csmask = cs < S
+        x = tl.load(
+            x_ptr + rows[:, None] * S + cs[None, :],
+            mask=rmask[:, None] & csmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        c_off = ks[None, :] * S + cs[:, None]  # (BLOCK_SC, BLOCK_K): the transposed memory
+        cmask = csmask[:, None] & kmask[None, :]
+        sim_pos = sim_dot(x, tl.load(cpos_ptr + c_off, mask=cmask, other=0.0), sim_pos, PRECISION)
+        sim_neg = sim_dot(x, tl.load(cneg_ptr + c_off, mask=cmask, other=0.0), sim_neg, PRECISION)
+    return sim_pos, sim_neg
+
+
+@triton.jit
+def _soft_max_sim(sim, kmask, temp):
+    """phi and softmax weights of (BLOCK_B, BLOCK_K) similarities <z, c_k>."""
+    t = temp * sim
     t = tl.where(kmask[None, :], t, float("-inf"))
     mx = tl.max(t, axis=1)
     e = tl.exp(t - mx[:, None])
@@ -74,22 +109,42 @@ def _normalize_rows(x):
 
 @triton.jit
 def _momentum_accumulate(
-    mem_hat,  # (BLOCK_K, BLOCK_S) fp32 normalised memory of class ``cls``
+    mem_ptr,  # (K, S) fp32 memory of class ``cls`` (normalised unless NORMALIZE)
     emb_ptr,  # (M, S) embeddings
     label_ptr,  # (M,) int64
     cls,
     M,
+    K,
     S,
-    kmask,
-    cols,
-    smask,
     NORMALIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
 ):
-    """Sums (BLOCK_K, BLOCK_S) and counts (BLOCK_K,) of class-``cls`` embeddings per component."""
+    """Sums (BLOCK_K, BLOCK_S) and counts (BLOCK_K,) of class-``cls`` embeddings per component.
+
+    With NORMALIZE the embeddings and the memory rows are L2-normalised first (F.normalize). The
+    similarities are summed over S chunks straight from memory, so the memory itself is never held
+    in registers; the row scale of an embedding does not change its arg-max and is left out there.
+    """
     ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    inv_norm = tl.full([BLOCK_K], 1.0, tl.float32)
+    if NORMALIZE:
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_SC):
+            cs = s0 + tl.arange(0, BLOCK_SC)
+            c = tl.load(
+                mem_ptr + ks[:, None] * S + cs[None, :],
+                mask=kmask[:, None] & (cs < S)[None, :],
+                other=0.0,
+            )
+            sq += tl.sum(c * c, axis=1)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    cols = tl.arange(0, BLOCK_S)
+    smask = cols < S
     sums = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
     counts = tl.zeros([BLOCK_K], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
@@ -97,6 +152,24 @@ def _momentum_accumulate(
         valid = rows < M
         lab = tl.load(label_ptr + rows, mask=valid, other=-1)
         mine = valid & (lab == cls)
+        sim = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_SC):
+            cs = s0 + tl.arange(0, BLOCK_SC)
+            csmask = cs < S
+            e = tl.load(
+                emb_ptr + rows[:, None] * S + cs[None, :],
+                mask=mine[:, None] & csmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            c_t = tl.load(
+                mem_ptr + ks[None, :] * S + cs[:, None],
+                mask=csmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            sim = sim_dot(e, c_t, sim, PRECISION)
+        sim = tl.where(kmask[None, :], sim * inv_norm[None, :], float("-inf"))
+        _, arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        onehot = tl.where(mine[:, None] & (ks[None, :] == arg[:, None]), 1.0, 0.0)
         e = tl.load(
             emb_ptr + rows[:, None] * S + cols[None, :],
             mask=mine[:, None] & smask[None, :],
@@ -104,10 +177,6 @@ def _momentum_accumulate(
         ).to(tl.float32)
         if NORMALIZE:
             e = _normalize_rows(e)
-        sim = tl.dot(e, tl.trans(mem_hat), input_precision="ieee")
-        sim = tl.where(kmask[None, :], sim, float("-inf"))
-        _, arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        onehot = tl.where(mine[:, None] & (ks[None, :] == arg[:, None]), 1.0, 0.0)
         sums += tl.dot(tl.trans(onehot), e, input_precision="ieee")
         counts += tl.sum(onehot, axis=0)
     return sums, counts
@@ -140,24 +209,21 @@ def _align_loss_fwd_kernel(
     margin,
     scale,
     temp,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    cols = tl.arange(0, BLOCK_S)
-    smask = cols < S
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
-    cmask = kmask[:, None] & smask[None, :]
-    cpos = tl.load(cpos_ptr + ks[:, None] * S + cols[None, :], mask=cmask, other=0.0)
-    cneg = tl.load(cneg_ptr + ks[:, None] * S + cols[None, :], mask=cmask, other=0.0)
-    z = tl.load(
-        z_ptr + rows[:, None] * S + cols[None, :], mask=rmask[:, None] & smask[None, :], other=0.0
-    ).to(tl.float32)
-    phi_pos, _ = _soft_max_sim(z, cpos, kmask, temp)
-    phi_neg, _ = _soft_max_sim(z, cneg, kmask, temp)
+    sim_pos, sim_neg = _memory_sims(
+        z_ptr, rows, rmask, cpos_ptr, cneg_ptr, ks, kmask, S,
+        PRECISION=PRECISION, BLOCK_R=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_SC=BLOCK_SC,
+    )  # fmt: skip
+    phi_pos, _ = _soft_max_sim(sim_pos, kmask, temp)
+    phi_neg, _ = _soft_max_sim(sim_neg, kmask, temp)
     sign = 2.0 * tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.float32) - 1.0
     x = scale * (margin - sign * (phi_pos - phi_neg))
     loss = tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
@@ -180,40 +246,50 @@ def _align_loss_bwd_kernel(
     margin,
     scale,
     temp,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
+    BLOCK_SO: tl.constexpr,
 ):
-    cols = tl.arange(0, BLOCK_S)
+    # One program per chunk of BLOCK_SO columns of dz and of the memory gradients. Each program
+    # recomputes the (small: B x K) softmax weights from the whole rows instead of holding the
+    # memories, and sweeps the batch, so the memory gradients are reduced without atomics.
+    cols = tl.program_id(0) * BLOCK_SO + tl.arange(0, BLOCK_SO)
     smask = cols < S
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
     cmask = kmask[:, None] & smask[None, :]
-    cpos = tl.load(cpos_ptr + ks[:, None] * S + cols[None, :], mask=cmask, other=0.0)
-    cneg = tl.load(cneg_ptr + ks[:, None] * S + cols[None, :], mask=cmask, other=0.0)
-    acc_pos = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
-    acc_neg = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    c_off = ks[:, None] * S + cols[None, :]
+    acc_pos = tl.zeros([BLOCK_K, BLOCK_SO], dtype=tl.float32)
+    acc_neg = tl.zeros([BLOCK_K, BLOCK_SO], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        zmask = rmask[:, None] & smask[None, :]
-        z = tl.load(z_ptr + rows[:, None] * S + cols[None, :], mask=zmask, other=0.0).to(tl.float32)
-        phi_pos, w_pos = _soft_max_sim(z, cpos, kmask, temp)
-        phi_neg, w_neg = _soft_max_sim(z, cneg, kmask, temp)
+        sim_pos, sim_neg = _memory_sims(
+            z_ptr, rows, rmask, cpos_ptr, cneg_ptr, ks, kmask, S,
+            PRECISION=PRECISION, BLOCK_R=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_SC=BLOCK_SC,
+        )  # fmt: skip
+        phi_pos, w_pos = _soft_max_sim(sim_pos, kmask, temp)
+        phi_neg, w_neg = _soft_max_sim(sim_neg, kmask, temp)
         sign = 2.0 * tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.float32) - 1.0
         x = scale * (margin - sign * (phi_pos - phi_neg))
         sig = 1.0 / (1.0 + tl.exp(-x))  # d softplus / dx
         g = tl.load(dloss_ptr + rows, mask=rmask, other=0.0) * sig * (-scale) * sign  # dL/dDelta
         gp = g[:, None] * w_pos  # (BLOCK_B, BLOCK_K) dL/d<z, c+_k>
         gn = g[:, None] * w_neg
+        cpos = tl.load(cpos_ptr + c_off, mask=cmask, other=0.0)
+        cneg = tl.load(cneg_ptr + c_off, mask=cmask, other=0.0)
         dz = tl.dot(gp, cpos, input_precision="ieee") - tl.dot(gn, cneg, input_precision="ieee")
+        zmask = rmask[:, None] & smask[None, :]
         tl.store(
             dz_ptr + rows[:, None] * S + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=zmask
         )
+        z = tl.load(z_ptr + rows[:, None] * S + cols[None, :], mask=zmask, other=0.0).to(tl.float32)
         acc_pos += tl.dot(tl.trans(gp), z, input_precision="ieee")
         acc_neg -= tl.dot(tl.trans(gn), z, input_precision="ieee")
-    tl.store(dcpos_ptr + ks[:, None] * S + cols[None, :], acc_pos, mask=cmask)
-    tl.store(dcneg_ptr + ks[:, None] * S + cols[None, :], acc_neg, mask=cmask)
+    tl.store(dcpos_ptr + c_off, acc_pos, mask=cmask)
+    tl.store(dcneg_ptr + c_off, acc_neg, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,24 +307,24 @@ def _momentum_stats_kernel(
     M,
     K,
     S,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
 ):
     cls = tl.program_id(0)
     cols = tl.arange(0, BLOCK_S)
-    smask = cols < S
     ks = tl.arange(0, BLOCK_K)
-    kmask = ks < K
-    cmask = kmask[:, None] & smask[None, :]
+    cmask = (ks < K)[:, None] & (cols < S)[None, :]
     offs = cls * K * S + ks[:, None] * S + cols[None, :]
-    mem_hat = tl.load(mems_hat_ptr + offs, mask=cmask, other=0.0)
     sums, counts = _momentum_accumulate(
-        mem_hat, emb_ptr, label_ptr, cls, M, S, kmask, cols, smask,
-        NORMALIZE=False, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S,
+        mems_hat_ptr + cls * K * S, emb_ptr, label_ptr, cls, M, K, S,
+        NORMALIZE=False, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S,
+        BLOCK_SC=BLOCK_SC,
     )  # fmt: skip
     tl.store(sums_ptr + offs, sums, mask=cmask)
-    tl.store(counts_ptr + cls * K + ks, counts, mask=kmask)
+    tl.store(counts_ptr + cls * K + ks, counts, mask=ks < K)
 
 
 @triton.jit
@@ -292,9 +368,11 @@ def _momentum_step_kernel(
     dead_after,
     m,
     one_minus_m,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
 ):
     cls = tl.program_id(0)
     cols = tl.arange(0, BLOCK_S)
@@ -304,14 +382,19 @@ def _momentum_step_kernel(
     cmask = kmask[:, None] & smask[None, :]
     offs = ks[:, None] * S + cols[None, :]
     if cls == 0:
+        sums, counts = _momentum_accumulate(
+            neg_ptr, emb_ptr, label_ptr, cls, M, K, S,
+            NORMALIZE=True, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+            BLOCK_S=BLOCK_S, BLOCK_SC=BLOCK_SC,
+        )  # fmt: skip
         mem = tl.load(neg_ptr + offs, mask=cmask, other=0.0)
     else:
+        sums, counts = _momentum_accumulate(
+            pos_ptr, emb_ptr, label_ptr, cls, M, K, S,
+            NORMALIZE=True, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+            BLOCK_S=BLOCK_S, BLOCK_SC=BLOCK_SC,
+        )  # fmt: skip
         mem = tl.load(pos_ptr + offs, mask=cmask, other=0.0)
-
-    sums, counts = _momentum_accumulate(
-        _normalize_rows(mem), emb_ptr, label_ptr, cls, M, S, kmask, cols, smask,
-        NORMALIZE=True, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S,
-    )  # fmt: skip
     new = _momentum_mix(mem, sums, counts, m, one_minus_m)
 
     # Bookkeeping, in the order of ClassMemory.momentum_update.
@@ -359,13 +442,49 @@ def _momentum_step_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _warps(k: int, s: int) -> int:
-    # One program holds whole (K, S) memories and their accumulators in registers.
-    return 8 if block_size(k) * block_size(s) >= 4096 else 4
+def _momentum_blocks(k: int, s: int) -> dict[str, int]:
+    """Tiles, warps and register ceiling of ``_momentum_stats_kernel`` and ``_momentum_step_kernel``.
+
+    A program holds a class's (K, S) statistics and memory update in registers; there is one
+    program per class, so occupancy is irrelevant and ``maxnreg=255`` lets ptxas use the whole
+    register file instead of its occupancy-driven target (64-96 registers on sm_90, which spilled
+    4-16 bytes at K = 64). ``benches/kernel_aot.py`` checks that these choices compile without
+    register spills.
+    """
+    block_k, block_s = block_size(k), block_size(s)
+    return {
+        "BLOCK_M": 16,
+        "BLOCK_K": block_k,
+        "BLOCK_S": block_s,
+        "BLOCK_SC": _block_sc(s),
+        "num_warps": 8 if block_k * block_s >= 2048 else 4,
+        "maxnreg": 255,
+    }
 
 
 def _block_b(b: int) -> int:
     return block_size(b, maximum=16 if interpreting() else 64)
+
+
+def _block_sc(s: int) -> int:
+    """Columns per chunk of the similarity sums over S (``BLOCK_SC``); 16, the smallest tile
+    ``tl.dot`` takes, keeps the fp32 FMA products' operands small."""
+    return min(block_size(s), 16)
+
+
+def _align_bwd_blocks(b: int, k: int, s: int) -> dict[str, int]:
+    """Tiles, warps and grid width of ``_align_loss_bwd_kernel``: one program per BLOCK_SO columns.
+
+    ``benches/kernel_aot.py`` checks that these choices compile without register spills.
+    """
+    block_k = block_size(k)
+    return {
+        "BLOCK_B": _block_b(b),
+        "BLOCK_K": block_k,
+        "BLOCK_SC": _block_sc(s),
+        "BLOCK_SO": 16,
+        "num_warps": 4 if block_k <= 16 else 8,
+    }
 
 
 class _AlignLoss(torch.autograd.Function):
@@ -387,8 +506,10 @@ class _AlignLoss(torch.autograd.Function):
             block_b = _block_b(b)
             _align_loss_fwd_kernel[(triton.cdiv(b, block_b),)](
                 z, y, c_pos_hat, c_neg_hat, loss, b, k, s, margin, scale, temp,
-                BLOCK_B=block_b, BLOCK_K=block_size(k), BLOCK_S=block_size(s), num_warps=4,
+                PRECISION=precision_code(), BLOCK_B=block_b, BLOCK_K=block_size(k),
+                BLOCK_SC=_block_sc(s), num_warps=4,
             )  # fmt: skip
+        ctx.precision = precision_code()
         ctx.save_for_backward(z, y, c_pos_hat, c_neg_hat)
         ctx.consts = (margin, scale, temp)
         return loss
@@ -402,11 +523,10 @@ class _AlignLoss(torch.autograd.Function):
         dz = torch.empty_like(z)
         d_pos = torch.empty((k, s), dtype=torch.float32, device=z.device)
         d_neg = torch.empty((k, s), dtype=torch.float32, device=z.device)
-        _align_loss_bwd_kernel[(1,)](
+        blocks = _align_bwd_blocks(b, k, s)
+        _align_loss_bwd_kernel[(triton.cdiv(s, blocks["BLOCK_SO"]),)](
             z, y, c_pos, c_neg, d_loss.to(torch.float32).contiguous(), dz, d_pos, d_neg,
-            b, k, s, margin, scale, temp,
-            BLOCK_B=_block_b(b), BLOCK_K=block_size(k), BLOCK_S=block_size(s),
-            num_warps=_warps(k, s),
+            b, k, s, margin, scale, temp, PRECISION=ctx.precision, **blocks,
         )  # fmt: skip
         return dz, None, d_pos, d_neg, None, None, None
 
@@ -513,8 +633,7 @@ def momentum_stats(
     _momentum_stats_kernel[(c,)](
         mems_hat.to(torch.float32).contiguous(), emb.contiguous(),
         labels.to(device=dev, dtype=torch.int64).contiguous(), sums, counts,
-        emb.shape[0], k, s,
-        BLOCK_M=16, BLOCK_K=block_size(k), BLOCK_S=block_size(s), num_warps=_warps(k, s),
+        emb.shape[0], k, s, PRECISION=precision_code(), **_momentum_blocks(k, s),
     )  # fmt: skip
     return sums, counts
 
@@ -625,5 +744,5 @@ def momentum_step(
         emb.to(pos.device).contiguous(),
         labels.to(device=pos.device, dtype=torch.int64).contiguous(),
         emb.shape[0], k, s, r, int(dead_after), float(m), 1.0 - float(m),
-        BLOCK_M=16, BLOCK_K=block_size(k), BLOCK_S=block_size(s), num_warps=_warps(k, s),
+        PRECISION=precision_code(), **_momentum_blocks(k, s),
     )  # fmt: skip

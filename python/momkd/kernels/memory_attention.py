@@ -43,7 +43,14 @@ import triton
 import triton.language as tl
 
 from momkd.errors import DataError
-from momkd.kernels._triton_utils import block_size, chunk_map, interpreting, validate_offsets
+from momkd.kernels._dot import sim_dot
+from momkd.kernels._triton_utils import (
+    block_size,
+    chunk_map,
+    interpreting,
+    precision_code,
+    validate_offsets,
+)
 
 __all__ = ["batched_commitment_loss", "memory_attention_pool", "memory_attention_pool_commit"]
 
@@ -91,6 +98,17 @@ def _nearest_raw(p, c_ptr, K, S, cols, smask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _running_max(best, best_k, sim, k0, K, BLOCK_K: tl.constexpr):
+    """Merge the (BLOCK_N, BLOCK_K) similarities of components ``ks`` into a running maximum and
+    its index; strict ">" keeps the lowest index on ties, within and across chunks."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    sim = tl.where((ks < K)[None, :], sim, float("-inf"))
+    mx, arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = mx > best
+    return tl.where(better, mx, best), tl.where(better, arg + k0, best_k)
+
+
+@triton.jit
 def _memory_attention_fwd_kernel(
     p_ptr,  # (N, S) patch projections, any float dtype
     f_ptr,  # (N, H) encoder features, any float dtype
@@ -115,40 +133,58 @@ def _memory_attention_fwd_kernel(
     S,
     H,
     COMMIT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bag, rows, rmask, _lo, _hi = _chunk_rows(chunk_bag_ptr, chunk_start_ptr, off_ptr, B, BLOCK_N)
 
-    cols = tl.arange(0, BLOCK_S)
-    smask = cols < S
-    ks = tl.arange(0, BLOCK_K)
-    kmask = ks < K
-    pmask = rmask[:, None] & smask[None, :]
-    p = tl.load(p_ptr + rows[:, None] * S + cols[None, :], mask=pmask, other=0.0).to(tl.float32)
-    cmask = kmask[:, None] & smask[None, :]
-    c_off = ks[:, None] * S + cols[None, :]
-    cpos = tl.load(cpos_ptr + c_off, mask=cmask, other=0.0)
-    cneg = tl.load(cneg_ptr + c_off, mask=cmask, other=0.0)
-
-    # "ieee": the arg-maxima must agree exactly with an fp32 matmul, which TF32 would not.
-    sim = tl.dot(p, tl.trans(cpos), input_precision="ieee")
-    sim = tl.where(kmask[None, :], sim, float("-inf"))
-    max_pos, arg_pos = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    sim = tl.dot(p, tl.trans(cneg), input_precision="ieee")
-    sim = tl.where(kmask[None, :], sim, float("-inf"))
-    max_neg, arg_neg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    # Similarities in (BLOCK_N, BLOCK_K) tiles, each summed over S in chunks of BLOCK_SC: only
+    # chunks of p and of the memories are ever live, whatever K and S (no register spills).
+    # PRECISION 0 ("ieee") gives arg-maxima equal to an fp32 matmul's up to summation order.
+    max_pos = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    max_neg = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    arg_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
+    arg_neg = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        sim_pos = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sim_neg = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_SC):
+            cs = s0 + tl.arange(0, BLOCK_SC)
+            csmask = cs < S
+            p = tl.load(
+                p_ptr + rows[:, None] * S + cs[None, :],
+                mask=rmask[:, None] & csmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            cmask = csmask[:, None] & kmask[None, :]
+            c_off = ks[None, :] * S + cs[:, None]  # (BLOCK_SC, BLOCK_K): the transposed memory
+            cpos_t = tl.load(cpos_ptr + c_off, mask=cmask, other=0.0)
+            sim_pos = sim_dot(p, cpos_t, sim_pos, PRECISION)
+            cneg_t = tl.load(cneg_ptr + c_off, mask=cmask, other=0.0)
+            sim_neg = sim_dot(p, cneg_t, sim_neg, PRECISION)
+        max_pos, arg_pos = _running_max(max_pos, arg_pos, sim_pos, k0, K, BLOCK_K)
+        max_neg, arg_neg = _running_max(max_neg, arg_neg, sim_neg, k0, K, BLOCK_K)
     score = max_pos - max_neg
     tl.store(score_ptr + rows, score, mask=rmask)
     tl.store(amax_pos_ptr + rows, arg_pos.to(tl.int64), mask=rmask)
     tl.store(amax_neg_ptr + rows, arg_neg.to(tl.int64), mask=rmask)
 
     if COMMIT:
+        cols = tl.arange(0, BLOCK_S)
+        smask = cols < S
+        pmask = rmask[:, None] & smask[None, :]
+        p = tl.load(p_ptr + rows[:, None] * S + cols[None, :], mask=pmask, other=0.0)
         label = tl.load(label_ptr + bag)
-        best, best_k = _nearest_raw(p, craw_ptr + label * K * S, K, S, cols, smask, BLOCK_N)
+        best, best_k = _nearest_raw(
+            p.to(tl.float32), craw_ptr + label * K * S, K, S, cols, smask, BLOCK_N
+        )
         tl.store(kstar_ptr + rows, best_k, mask=rmask)
         tl.store(part_commit_ptr + pid, tl.sum(tl.where(rmask, best, 0.0), axis=0))
 
@@ -338,25 +374,29 @@ def _memory_attention_bwd_kernel(
     if HAS_DSCORE:
         dsc += tl.load(dscore_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
 
-    cols = tl.arange(0, BLOCK_S)
-    smask = cols < S
-    pmask = rmask[:, None] & smask[None, :]
     kp = tl.load(amax_pos_ptr + rows, mask=rmask, other=0)
     kn = tl.load(amax_neg_ptr + rows, mask=rmask, other=0)
-    cp = tl.load(cpos_ptr + kp[:, None] * S + cols[None, :], mask=pmask, other=0.0)
-    cn = tl.load(cneg_ptr + kn[:, None] * S + cols[None, :], mask=pmask, other=0.0)
-    dp = dsc[:, None] * (cp - cn)
     if COMMIT:
         label = tl.load(label_ptr + bag)
         n_bag = (hi - lo).to(tl.float32)
         coef = tl.load(dcommit_ptr + bag) * 2.0 / (tl.maximum(n_bag, 1.0) * S)
-        p = tl.load(p_ptr + rows[:, None] * S + cols[None, :], mask=pmask, other=0.0)
         kc = tl.load(kstar_ptr + rows, mask=rmask, other=0)
-        target = tl.load(
-            craw_ptr + label * K * S + kc[:, None] * S + cols[None, :], mask=pmask, other=0.0
+    # dp in column chunks: a handful of (BLOCK_N, BLOCK_S) tiles stays live, not the whole row.
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        pmask = rmask[:, None] & (cols < S)[None, :]
+        cp = tl.load(cpos_ptr + kp[:, None] * S + cols[None, :], mask=pmask, other=0.0)
+        cn = tl.load(cneg_ptr + kn[:, None] * S + cols[None, :], mask=pmask, other=0.0)
+        dp = dsc[:, None] * (cp - cn)
+        if COMMIT:
+            p = tl.load(p_ptr + rows[:, None] * S + cols[None, :], mask=pmask, other=0.0)
+            target = tl.load(
+                craw_ptr + label * K * S + kc[:, None] * S + cols[None, :], mask=pmask, other=0.0
+            )
+            dp += coef * (p.to(tl.float32) - target)
+        tl.store(
+            dp_ptr + rows[:, None] * S + cols[None, :], dp.to(dp_ptr.dtype.element_ty), mask=pmask
         )
-        dp += coef * (p.to(tl.float32) - target)
-    tl.store(dp_ptr + rows[:, None] * S + cols[None, :], dp.to(dp_ptr.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
@@ -444,9 +484,32 @@ def _commitment_bwd_kernel(
 # host launchers
 # --------------------------------------------------------------------------------------------------
 
-_DEFAULT_BLOCK_N = 64
+_DEFAULT_BLOCK_N = 32  # with 4 warps: no spills at any K, S (benches/kernel_aot.py)
 _DEFAULT_BLOCK_H = 128
 _INTERPRET_BLOCK_N = 16  # the interpreter's cost grows with tile area; small tiles keep tests fast
+
+
+def _fwd_blocks(k: int, s: int) -> dict[str, int]:
+    """Tile sizes and warps of ``_memory_attention_fwd_kernel`` for memories (K, S).
+
+    Similarities are computed in (BLOCK_N, BLOCK_K) tiles over S chunks of BLOCK_SC columns, so the
+    live registers do not grow with K or S; BLOCK_S covers a whole row for the commitment term.
+    Two pipeline stages (one S chunk loaded ahead) instead of Triton's default three: the third
+    stage's buffers made ptxas spill a few bytes on sm_90 (official preset, fp16 inputs, tf32).
+    ``benches/kernel_aot.py`` checks that these choices compile without register spills.
+    """
+    return {
+        "BLOCK_K": 16,
+        "BLOCK_S": block_size(s),
+        "BLOCK_SC": 16,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
+def _bwd_block_s(s: int) -> int:
+    """Columns per chunk of the dp sweep of ``_memory_attention_bwd_kernel``."""
+    return min(block_size(s), 16 if interpreting() else 64)
 
 
 def _pick_block_n(block_n: int | None) -> int:
@@ -475,8 +538,7 @@ def _launch_forward(
     dev = p.device
     chunk_bag, chunk_start, grid = chunk_map(offsets, block_n, n)
     commit = craw is not None
-    block_s = block_size(s)
-    block_k = block_size(k)
+    blocks = _fwd_blocks(k, s)
     block_h = min(_DEFAULT_BLOCK_H, block_size(h))
 
     score = torch.empty(n, dtype=torch.float32, device=dev)
@@ -494,8 +556,7 @@ def _launch_forward(
         offsets, chunk_bag, chunk_start, tau,
         score, amax_pos, amax_neg, kstar, part_m, part_l, part_acc, part_commit,
         b, k, s, h,
-        COMMIT=commit, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s, BLOCK_H=block_h,
-        num_warps=4,
+        COMMIT=commit, PRECISION=precision_code(), BLOCK_N=block_n, **blocks, BLOCK_H=block_h,
     )  # fmt: skip
 
     pooled = torch.empty((b, h), dtype=torch.float32, device=dev)
@@ -616,7 +677,7 @@ class _MemoryAttentionPool(torch.autograd.Function):
             dp, df, part_dtau,
             b, k, s, h,
             COMMIT=has_commit_grad, HAS_DATTN=d_attn is not None, HAS_DSCORE=d_score is not None,
-            BLOCK_N=ctx.block_n, BLOCK_S=block_size(s),
+            BLOCK_N=ctx.block_n, BLOCK_S=_bwd_block_s(s),
             BLOCK_H=min(_DEFAULT_BLOCK_H, block_size(h)), num_warps=4,
         )  # fmt: skip
         d_tau = -part_dtau.sum() / (tau * tau)
