@@ -185,7 +185,10 @@ def _train(
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     try:
-        with kernels.kernel_mode(cfg.train.kernels, device):
+        with (
+            kernels.kernel_mode(cfg.train.kernels, device),
+            kernels.kernel_precision(cfg.train.kernel_precision),
+        ):
             summary = _run_folds(
                 cfg,
                 run_dir,
