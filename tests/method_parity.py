@@ -23,12 +23,12 @@ import hashlib
 import json
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from records import emit
 
 RECORD = Path(__file__).parent / "data" / "method_parity.json"
 
@@ -147,14 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         record = {"platform": platform_key(), "methods": {m: fingerprint(m, work) for m in METHODS}}
-    text = json.dumps(record, indent=1, sort_keys=True)
-    if args.write:
-        RECORD.parent.mkdir(parents=True, exist_ok=True)
-        RECORD.write_text(text + "\n")
-        print(f"wrote {RECORD}")
-    else:
-        sys.stdout.write(text + "\n")
-    return 0
+    return emit(record, RECORD, args.write)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import csv
 import hashlib
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from records import emit
 
 RECORD = Path(__file__).parent / "data" / "synth_fingerprint.json"
 
@@ -177,14 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": ARGS,
             "fingerprint": fingerprint(make(Path(tmp))),
         }
-    text = json.dumps(record, indent=1, sort_keys=True)
-    if args.write:
-        RECORD.parent.mkdir(parents=True, exist_ok=True)
-        RECORD.write_text(text + "\n")
-        print(f"wrote {RECORD}")
-    else:
-        sys.stdout.write(text + "\n")
-    return 0
+    return emit(record, RECORD, args.write)
 
 
 if __name__ == "__main__":

@@ -644,12 +644,21 @@ def _p(v: Any) -> str:
     return f"{v:.2g}" if v < 0.001 else f"{v:.3f}"
 
 
+def _pair_p(pair: Mapping[str, Any]) -> str:
+    """The pair's p-value as text; a bootstrap p-value of 0 (no resample crossed zero; more than
+    two classes, where ``p_value`` is the bootstrap's) reads ``p < 1/N``."""
+    p, n = pair.get("p_value"), pair.get("n_resamples")
+    if p == 0 and "z" not in pair and n:
+        return f"p < {1 / n:.2g}"
+    return f"p = {_p(p)}"
+
+
 def _diff_text(pair: Mapping[str, Any]) -> str:
     ci = ""
     low, high = pair.get("ci_low"), pair.get("ci_high")
     if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
         ci = f" [{low:+.3f}, {high:+.3f}]"
-    return f"{pair['auc_diff']:+.3f}{ci}, p = {_p(pair.get('p_value'))}"
+    return f"{pair['auc_diff']:+.3f}{ci}, {_pair_p(pair)}"
 
 
 def format_comparison(result: Mapping[str, Any]) -> str:
@@ -736,7 +745,7 @@ def _forest_plot(result: Mapping[str, Any], path: Path) -> Path | None:
             ax.plot([lo, hi], [yv, yv], color="#1f77b4", lw=2)
         ax.plot([d], [yv], "o", color="#1f77b4")
         ax.annotate(
-            f"p = {_p(pair.get('p_value'))}",
+            _pair_p(pair),
             (1.01, yv),
             xycoords=("axes fraction", "data"),
             va="center",
@@ -824,7 +833,7 @@ def _write_html(
                 f"<tr><td>{escape(pr['a'])} − {escape(pr['b'])}</td><td>{escape(level)}</td>"
                 f"<td>{pr['n']}</td><td>{_f3(pr['auc_a'])}</td><td>{_f3(pr['auc_b'])}</td>"
                 f"<td>{pr['auc_diff']:+.3f}</td><td>{_f3(pr.get('ci_low'))}, "
-                f"{_f3(pr.get('ci_high'))}</td><td>{_p(pr.get('p_value'))}</td>"
+                f"{_f3(pr.get('ci_high'))}</td><td>{_pair_p(pr).removeprefix('p = ')}</td>"
                 f"<td>{_p(pr.get('p_value_bootstrap'))}</td></tr>"
             )
     if pair_rows:

@@ -44,6 +44,7 @@ __all__ = [
     "delong_test",
     "evaluate_with_threshold",
     "paired_auc_test",
+    "paired_interval",
     "patient_level",
 ]
 
@@ -504,11 +505,17 @@ def paired_auc_test(
         out.update(ci_low=math.nan, ci_high=math.nan, p_value_bootstrap=math.nan)
         return out
     aucs = _bootstrap_aucs(yy, [pa, pb], int(n), seed)
-    diffs = aucs[:, 0] - aucs[:, 1]
-    low, high = np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    p_boot = min(1.0, 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
-    out.update(ci_low=float(low), ci_high=float(high), p_value_bootstrap=p_boot)
+    low, high, p_boot = paired_interval(aucs[:, 0] - aucs[:, 1], alpha)
+    out.update(ci_low=low, ci_high=high, p_value_bootstrap=p_boot)
     return out
+
+
+def paired_interval(diffs: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Percentile interval and two-sided p-value of bootstrapped paired differences:
+    ``(low, high, min(1, 2 min(P*(diff <= 0), P*(diff >= 0))))``."""
+    low, high = np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    p = min(1.0, 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    return float(low), float(high), p
 
 
 def patient_level(

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from momkd.errors import DataError
-from momkd.metrics import MetricWarning, _auc, _check_resamples, _resample_counts, _resampled_auc
+from momkd.metrics import (
+    MetricWarning,
+    _auc,
+    _check_resamples,
+    _resample_counts,
+    _resampled_auc,
+    paired_interval,
+)
 
 __all__ = [
     "bootstrap_macro_auc_ci",
@@ -252,8 +259,6 @@ def paired_macro_auc_test(
         out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
         return out
     aucs = _bootstrap_macro_aucs(yy, [pa, pb], int(n), seed)
-    diffs = aucs[:, 0] - aucs[:, 1]
-    low, high = np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    p_value = min(1.0, 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
-    out.update(ci_low=float(low), ci_high=float(high), p_value=p_value)
+    low, high, p_value = paired_interval(aucs[:, 0] - aucs[:, 1], alpha)
+    out.update(ci_low=low, ci_high=high, p_value=p_value)
     return out
