@@ -146,3 +146,31 @@ def test_report_and_comparison(runs: dict[str, Path], tmp_path: Path) -> None:
     assert 0.0 <= pair["p_value"] <= 1.0
     assert result["classes"] == CLASSES
     assert (tmp_path / "cmp" / "comparison" / "roc.png").is_file()
+
+
+def test_eval_and_predict_on_the_external_cohort(runs: dict[str, Path], tmp_path: Path) -> None:
+    from momkd.train.evaluate import evaluate_run, predict
+
+    run = runs["momkd"]
+    data = Path(json.loads((run / "data.json").read_text())["store"]).parent
+    result = evaluate_run(
+        run, data / "external.zarr", data / "external_clinical.csv", out=tmp_path / "ev"
+    )
+    rows = list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open()))
+    y = np.array([int(r["label"]) for r in rows])
+    ens = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
+    folds = [
+        np.array([[float(r[f"prob_fold{k}_{c}"]) for c in CLASSES] for r in rows]) for k in (0, 1)
+    ]
+    np.testing.assert_allclose(ens, np.mean(folds, axis=0), atol=1e-12)
+    assert [int(r["pred"]) for r in rows] == np.argmax(ens, axis=1).tolist()
+    assert result["classes"] == CLASSES
+    assert result["ensemble"]["auc"] == pytest.approx(_macro_auc(y, ens))
+    for k, p in enumerate(folds):
+        assert result["folds"][k]["auc"] == pytest.approx(_macro_auc(y, p))
+    # The run's own external fold predictions are the same model on the same slides.
+    _, _, p_run = _read(run / "fold_0" / "external_predictions.csv")
+    np.testing.assert_allclose(folds[0], p_run, atol=1e-6)
+    n = predict(run, data / "external.zarr", tmp_path / "pred.csv")
+    header = (tmp_path / "pred.csv").read_text().splitlines()[0].split(",")
+    assert n == len(rows) and header[-5:] == [*[f"prob_{c}" for c in CLASSES], "pred"]
