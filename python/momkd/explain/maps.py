@@ -309,59 +309,6 @@ def plot_assignment_map(
     """
     from matplotlib.colors import BoundaryNorm
 
-    if n_memories != 2:
-        return _plot_assignment_map_classes(
-            slide_id, coords, labels, k, out_png, attention, prob, patch_size, n_memories
-        )
-
-    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-    row, col, shape, extent = patch_grid(coords, patch_size)
-    if lab.size != row.size:
-        raise DataError(f"slide {slide_id!r}: {lab.size} labels for {row.size} patches")
-    if lab.size and (lab.min() < 0 or lab.max() >= 2 * k):
-        raise DataError(f"slide {slide_id!r}: assignment labels must lie in [0, {2 * k})")
-    prio = np.zeros(lab.size) if attention is None else np.asarray(attention, dtype=np.float64)
-    grid = _raster(row, col, shape, lab.astype(np.float64), prio.reshape(-1))
-    cmap = _assignment_cmap(k)
-    norm = BoundaryNorm(np.arange(2 * k + 1) - 0.5, cmap.N)
-    fig = _figure(shape)
-    ax = fig.add_subplot()
-    img = ax.imshow(
-        np.ma.masked_invalid(grid),
-        cmap=cmap,
-        norm=norm,
-        origin="upper",
-        extent=extent,
-        interpolation="nearest",
-    )
-    share_pos = float(np.mean(lab < k)) if lab.size else math.nan
-    ax.set_title(
-        _title(slide_id, prob, "Memory assignment") + f"\n{share_pos:.0%} of patches closer to C+",
-        fontsize=10,
-    )
-    ax.set_xlabel("x (level-0 px)")
-    ax.set_ylabel("y (level-0 px)")
-    step = max(1, (2 * k) // 16)
-    ticks = list(range(0, 2 * k, step))
-    cbar = fig.colorbar(img, ax=ax, shrink=0.9, ticks=ticks, label="memory component")
-    cbar.ax.set_yticklabels([f"C+[{t}]" if t < k else f"C-[{t - k}]" for t in ticks], fontsize=7)
-    return _save(fig, out_png)
-
-
-def _plot_assignment_map_classes(
-    slide_id: str,
-    coords: Any,
-    labels: Any,
-    k: int,
-    out_png: str | os.PathLike[str],
-    attention: Any,
-    prob: float | None,
-    patch_size: int | None,
-    n_memories: int,
-) -> Path:
-    """:func:`plot_assignment_map` for C > 2 class memories (labels ``c * K + k``)."""
-    from matplotlib.colors import BoundaryNorm
-
     n = n_memories * k
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     row, col, shape, extent = patch_grid(coords, patch_size)
@@ -383,17 +330,24 @@ def _plot_assignment_map_classes(
         extent=extent,
         interpolation="nearest",
     )
-    shares = np.bincount(lab // k, minlength=n_memories) / max(lab.size, 1)
-    top = int(np.argmax(shares))
-    ax.set_title(
-        _title(slide_id, prob, "Memory assignment", "predicted class")
-        + f"\n{shares[top]:.0%} of patches closest to C^{top}",
-        fontsize=10,
-    )
+    if n_memories == 2:
+        share_pos = float(np.mean(lab < k)) if lab.size else math.nan
+        title = _title(slide_id, prob, "Memory assignment")
+        title += f"\n{share_pos:.0%} of patches closer to C+"
+    else:
+        shares = np.bincount(lab // k, minlength=n_memories) / max(lab.size, 1)
+        top = int(np.argmax(shares))
+        title = _title(slide_id, prob, "Memory assignment", "predicted class")
+        title += f"\n{shares[top]:.0%} of patches closest to C^{top}"
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     step = max(1, n // 16)
     ticks = list(range(0, n, step))
     cbar = fig.colorbar(img, ax=ax, shrink=0.9, ticks=ticks, label="memory component")
-    cbar.ax.set_yticklabels([f"C^{t // k}[{t % k}]" for t in ticks], fontsize=7)
+    if n_memories == 2:
+        names = [f"C+[{t}]" if t < k else f"C-[{t - k}]" for t in ticks]
+    else:
+        names = [f"C^{t // k}[{t % k}]" for t in ticks]
+    cbar.ax.set_yticklabels(names, fontsize=7)
     return _save(fig, out_png)
