@@ -33,8 +33,8 @@ KERNELS = {
 
 def _report(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
     out = tmp_path / "aot.json"
+    # The same interpreter and installed package as the tests; only the interpreter mode is off.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--arch", "80,90", "--json", str(out), *args],
         env=env, capture_output=True, text=True, timeout=3000, check=False,
