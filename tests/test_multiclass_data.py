@@ -134,3 +134,32 @@ def test_small_validation_warning_counts_every_class(caplog: pytest.LogCaptureFi
     with caplog.at_level("WARNING"):
         _warn_small_validation(cfg, [Split((), val, ())], [0], label_of, {s: s for s in val})
     assert "fold 0: 12 slides, 4 A, 4 B, 4 C" in caplog.text
+
+
+def test_float_labels_split_like_integer_labels() -> None:
+    cases = [f"p{i}" for i in range(30)]
+    labels = [i % 3 for i in range(30)]
+    want = make_splits(cases, labels, k=3, seed=2)
+    assert make_splits(cases, np.asarray(labels, dtype=np.float64), k=3, seed=2) == want
+    with pytest.raises(DataError, match="class indices"):
+        make_splits(cases, np.full(30, 0.5), k=3)
+
+
+def test_two_listed_classes_with_one_missing_name_it(tmp_path: Path) -> None:
+    from momkd.config import load_config
+    from momkd.train.inputs import check_trainable
+
+    rows = [(f"p{i}", f"s{i}", "A") for i in range(6)]
+    path = _write(tmp_path / "c.csv", rows)
+    cfg = load_config(None, ["data.classes=[A,B]", "data.label_column=subtype"])
+    table = load_clinical(path, label_col="subtype", classes=["A", "B"])
+    with pytest.raises(DataError, match="no slide has subtype 'B'"):
+        check_trainable(cfg, table, None)
+
+
+@pytest.mark.parametrize("name", ["pos", "ensemble", "fold1"])
+def test_class_names_that_clash_with_prediction_columns_are_refused(name: str) -> None:
+    from momkd.config import load_config
+
+    with pytest.raises(ConfigError, match="cannot name a class"):
+        load_config(None, [f"data.classes=[A,{name}]"])

@@ -174,3 +174,25 @@ def test_eval_and_predict_on_the_external_cohort(runs: dict[str, Path], tmp_path
     n = predict(run, data / "external.zarr", tmp_path / "pred.csv")
     header = (tmp_path / "pred.csv").read_text().splitlines()[0].split(",")
     assert n == len(rows) and header[-5:] == [*[f"prob_{c}" for c in CLASSES], "pred"]
+
+
+def test_report_with_an_eval_cohort_holding_two_of_the_classes(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from momkd.report import write_report
+    from momkd.train.evaluate import evaluate_run
+
+    run = runs["meanpool"]
+    data = Path(json.loads((run / "data.json").read_text())["store"]).parent
+    rows = list(csv.DictReader((data / "external_clinical.csv").open()))
+    kept = [r for r in rows if r["subtype"] in ("LumA", "Basal")]
+    with (tmp_path / "two.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+    result = evaluate_run(run, data / "external.zarr", tmp_path / "two.csv", out=run / "eval_two")
+    assert result["ensemble"]["n_LumB"] == 0 and "n_pos" not in result
+    html = write_report(run).read_text()
+    assert "eval_two" in html
+    assert (run / "report" / "eval_two_roc_classes.png").is_file()
+    assert not (run / "report" / "eval_two_roc_pr.png").exists()

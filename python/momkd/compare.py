@@ -543,7 +543,7 @@ def summarise_runs(
             "mean": summary.get("mean") or {},
             "std": summary.get("std") or {},
             "n_test": len(pred.ids),
-            "n_pos": int(pred.y.sum()),
+            "n_pos": None if pred.p.ndim == 2 else int(pred.y.sum()),
             "pooled_auc": _auc_block(pred, resamples, seed),
             "patient": {
                 "mean_auc": p_mean,
@@ -811,7 +811,9 @@ def _write_html(
             f"<tr><td>{escape(name)}</td><td>{escape(Path(m['run_dir']).name)}</td>"
             f"<td>{_f3(mean)} ± {_f3(std)}</td><td>{escape(_with_ci(m.get('pooled_auc')))}</td>"
             f"<td>{escape(_with_ci((m.get('patient') or {}).get('pooled_auc')))}</td>"
-            f"<td>{escape(_with_ci(ext))}</td><td>{m['n_test']} ({m['n_pos']})</td></tr>"
+            f"<td>{escape(_with_ci(ext))}</td><td>{m['n_test']}"
+            + ("" if m.get("n_pos") is None else f" ({m['n_pos']})")
+            + "</td></tr>"
         )
     body.append(
         section(
@@ -844,7 +846,8 @@ def _write_html(
                 "Paired differences",
                 "<table><tr><th>a − b</th>"
                 "<th>level</th><th>n</th><th>AUC a</th><th>AUC b</th><th>difference</th>"
-                "<th>95% CI (paired bootstrap)</th><th>p (DeLong)</th><th>p (bootstrap)</th></tr>"
+                "<th>95% CI (paired bootstrap)</th><th>p (DeLong; bootstrap for more than two classes)</th>"
+                "<th>p (bootstrap)</th></tr>"
                 + "".join(pair_rows)
                 + "</table>"
                 + figure_html(forest, "AUC differences with 95% paired bootstrap CIs"),

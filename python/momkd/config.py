@@ -709,6 +709,14 @@ def _check(cfg: RunConfig, ctx: _Context) -> None:
         require(len(values) >= 2, "data.classes", f"needs at least two values, got {values}")
         dup = sorted({v for v in values if values.count(v) > 1})
         require(not dup, "data.classes", f"values listed twice: {dup}")
+        # Prediction CSVs name class columns prob_<class>; these would read as other columns.
+        reserved = [v for v in values if v in ("pos", "ensemble") or v.startswith("fold")]
+        require(
+            not reserved,
+            "data.classes",
+            f"{reserved} cannot name a class (prob_<class> columns would clash with prob_pos, "
+            "prob_ensemble or prob_fold<k>); rename the values in the clinical table",
+        )
     require(s.k >= 2, "splits.k", f"must be >= 2, got {s.k}")
     require(s.seed >= 0, "splits.seed", f"must be >= 0, got {s.seed}")
     require(0.0 <= s.val_fraction < 1.0, "splits.val_fraction", "must be in [0, 1)")

@@ -213,12 +213,17 @@ def roc_pr_figure(
     Returns
     -------
     Path or None
-        ``path``; ``None`` (nothing written) when no entry has both classes among its labels.
+        ``path``; ``None`` (nothing written) when no entry has both classes among its labels (or
+        binary probabilities at all: class probabilities go to :func:`class_roc_figure`).
     """
     from sklearn.metrics import auc as sk_auc
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
-    usable = {k: d for k, d in preds.items() if len(set(d["label"][d["label"] >= 0].tolist())) == 2}
+    usable = {
+        k: d
+        for k, d in preds.items()
+        if np.ndim(d["prob"]) == 1 and len(set(d["label"][d["label"] >= 0].tolist())) == 2
+    }
     if not usable:
         return None
     fig = new_figure(11, 4.8)

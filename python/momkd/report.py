@@ -609,7 +609,15 @@ def _eval_sections(run: Path, out_png: Path) -> list[tuple[str, str]]:
         )
         info = {
             k: data[k]
-            for k in ("store", "clinical", "label_column", "n_slides", "n_pos", "excluded")
+            for k in (
+                "store",
+                "clinical",
+                "label_column",
+                "classes",
+                "n_slides",
+                "n_pos",
+                "excluded",
+            )
             if k in data
         }
         if info:
@@ -621,14 +629,26 @@ def _eval_sections(run: Path, out_png: Path) -> list[tuple[str, str]]:
             except DataError as exc:
                 logger.warning("report: %s", exc)
                 preds = {}
-            fig = (
-                roc_pr_figure(
-                    preds, out_png / f"{d.name}_roc_pr.png", f"ROC and precision-recall: {d.name}"
+            classes = data.get("classes")
+            if preds and classes:
+                fig = class_roc_figure(
+                    preds,
+                    classes,
+                    out_png / f"{d.name}_roc_classes.png",
+                    f"ROC per class: {d.name}",
                 )
-                if preds
-                else None
-            )
-            body.append(figure_html(fig, f"ROC and precision-recall curves, {d.name}"))
+                body.append(figure_html(fig, f"One-vs-rest ROC curves per class, {d.name}"))
+            else:
+                fig = (
+                    roc_pr_figure(
+                        preds,
+                        out_png / f"{d.name}_roc_pr.png",
+                        f"ROC and precision-recall: {d.name}",
+                    )
+                    if preds
+                    else None
+                )
+                body.append(figure_html(fig, f"ROC and precision-recall curves, {d.name}"))
         sections.append((d.name, "".join(body)))
     return sections
 

@@ -223,6 +223,8 @@ class GenomicsPreprocessor:
             )
         if y.shape != (x.shape[0],):
             raise DataError(f"genomics: {x.shape[0]} training rows but labels of shape {y.shape}")
+        if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)  # 0.0/1.0 from a float column
         if y.dtype.kind not in "iub" or (y < 0).any():
             raise DataError(
                 f"genomics: labels must be class indices (0/1, or 0..C-1), got "

@@ -129,16 +129,13 @@ def load_inputs(
     n_before = len(table)
     if METHODS[cfg.model.method].expression:
         table, expression, skipped = with_expression(cfg, table)
-    labels = table.labels
     report = {
         "store": str(d.store),
         "clinical": str(d.clinical),
         "label_column": d.label_column,
         "slides": len(table),
         "patients": len(set(table.case_ids)),
-        "positive": int(labels.sum()),
-        "negative": int(len(labels) - labels.sum()),
-        **_class_counts(table),
+        **_label_counts(table),
         "excluded": dict(table.excluded),
         "n_excluded": int(sum(table.excluded.values())),
         "skipped_no_expression": {"patients": len(skipped), "slides": n_before - len(table)},
@@ -147,11 +144,12 @@ def load_inputs(
     }
     if expression is not None:
         report["genes_available"] = len(expression.gene_names)
+    counts = report.get("classes") or {"positive": report["positive"]}
     log.info(
-        "data: %d slides of %d patients (%d positive), %d excluded labels %s",
+        "data: %d slides of %d patients (%s), %d excluded labels %s",
         report["slides"],
         report["patients"],
-        report["positive"],
+        ", ".join(f"{v} {k}" for k, v in counts.items()),
         report["n_excluded"],
         report["excluded"],
     )
@@ -177,8 +175,7 @@ def load_external(
         "clinical": str(ext.clinical),
         "slides": len(table),
         "patients": len(set(table.case_ids)),
-        "positive": int(table.labels.sum()),
-        **_class_counts(table),
+        **_label_counts(table, negative=False),
         "excluded": dict(table.excluded),
     }
     return store, list(table.slide_ids), table.label_of(), table.case_of(), report
@@ -230,10 +227,10 @@ def check_trainable(cfg: RunConfig, table: ClinicalTable, expression: Expression
         One class only (naming label values that differ from the mapping only in case), genes of
         ``genomics.gene_list`` not in the matrix.
     """
-    if table.n_classes == 2:
-        require_both_classes(table, cfg.data.positive, cfg.data.negative)
-    else:
+    if cfg.data.classes:
         require_classes(table, folds=cfg.splits.k if cfg.splits.dir is None else None)
+    else:
+        require_both_classes(table, cfg.data.positive, cfg.data.negative)
     if expression is not None:
         preprocessor_from_config(cfg).check_genes(expression.gene_names, expression.path)
 
@@ -255,7 +252,7 @@ def check_folds(cfg: RunConfig, table: ClinicalTable, splits: Sequence[Split]) -
     label_of = table.label_of()
     for f in folds:
         classes = {label_of[s] for s in splits[f].train if s in label_of}
-        if len(classes) < table.n_classes and table.n_classes > 2:
+        if len(classes) < table.n_classes and cfg.data.classes:
             missing = [table.class_names[c] for c in range(table.n_classes) if c not in classes]
             raise DataError(
                 f"splits: fold {f}'s training slides have no {table.label_column} "
@@ -359,9 +356,13 @@ def fold_genomics(
     )
 
 
-def _class_counts(table: ClinicalTable) -> dict[str, Any]:
-    """``{"classes": {name: slides}}`` of a multi-class table (nothing for a binary one, whose
-    ``positive``/``negative`` counts say it all)."""
-    if table.n_classes == 2:
-        return {}
-    return {"classes": dict(zip(table.class_names, table.class_counts(), strict=True))}
+def _label_counts(table: ClinicalTable, negative: bool = True) -> dict[str, Any]:
+    """Slides per class for a data report: ``positive`` (and ``negative``) for a binary table,
+    ``classes: {name: slides}`` for a multi-class one."""
+    if table.n_classes > 2:
+        return {"classes": dict(zip(table.class_names, table.class_counts(), strict=True))}
+    n_pos = int(table.labels.sum())
+    counts = {"positive": n_pos}
+    if negative:
+        counts["negative"] = len(table) - n_pos
+    return counts

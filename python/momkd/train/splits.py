@@ -125,6 +125,8 @@ def make_splits(
         raise DataError(f"make_splits: {len(cases)} case ids but {len(slide_ids)} slide ids")
     if not cases:
         raise DataError("make_splits: no slides to split")
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)  # 0.0/1.0 from a float column
     if y.dtype.kind not in "iub" or (y < 0).any():
         raise DataError(
             f"make_splits: labels must be class indices >= 0, got {sorted(set(y.tolist()))[:10]}"

@@ -454,12 +454,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             f"({data.get('positive')} positive / {data.get('negative')} negative slides); "
             f"excluded labels: {excl_s}"
         )
-        skipped = data.get("skipped_no_expression") or {}
-        if skipped.get("slides"):
-            lines.append(
-                f"skipped without expression: {skipped['slides']} slides of "
-                f"{skipped['patients']} patients"
-            )
+    skipped = data.get("skipped_no_expression") or {}
+    if skipped.get("slides"):
+        lines.append(
+            f"skipped without expression: {skipped['slides']} slides of "
+            f"{skipped['patients']} patients"
+        )
     # Each column is as wide as its full name (names are never cut) and at least 5 wide.
     widths = [max(5, len(c)) for c in cols]
     head = f"{'fold':>4} {'epochs':>6} {'best':>4} {'val_auc':>7} {'thr':>5} " + " ".join(
