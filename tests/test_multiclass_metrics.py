@@ -120,14 +120,14 @@ def test_paired_test_equals_explicit_resampling() -> None:
     assert same["auc_diff"] == 0.0 and same["p_value"] == 1.0
 
 
-def test_patient_means_average_each_class_column() -> None:
-    from momkd.scoring import patient_means
+def test_patient_level_averages_each_class_column() -> None:
+    from momkd.metrics import patient_level
 
     p = np.array([[0.2, 0.3, 0.5], [0.4, 0.4, 0.2], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
-    ids, y, pm = patient_means(
+    ids, y, pm = patient_level(
         ["a", "b", "a", ""], [2, 0, 2, 1], p, slide_ids=["s1", "s2", "s3", "s4"]
     )
     assert ids == ["a", "b", "s4"] and y.tolist() == [2, 0, 1]
     np.testing.assert_allclose(pm, [[0.15, 0.55, 0.3], [0.4, 0.4, 0.2], [0.3, 0.3, 0.4]])
     with pytest.raises(DataError, match="patient 'a'"):
-        patient_means(["a", "a"], [0, 1], p[:2])
+        patient_level(["a", "a"], [0, 1], p[:2])

@@ -18,11 +18,13 @@ import numpy as np
 
 __all__ = [
     "atomic_open",
+    "class_prob_columns",
     "atomic_write_text",
     "current_umask",
     "dir_bytes",
     "jsonable",
     "metrics_from_json",
+    "prob_columns",
     "read_csv_predictions",
     "read_json",
     "temp_file_beside",
@@ -166,6 +168,20 @@ def _cell(v: Any) -> Any:
     return v
 
 
+def prob_columns(class_names: Sequence[str]) -> list[str]:
+    """The probability columns of a C-class prediction CSV: ``prob_<class>`` in class order."""
+    return [f"prob_{c}" for c in class_names]
+
+
+def class_prob_columns(header: Sequence[str]) -> list[str]:
+    """The ``prob_<class>`` columns of a multi-class prediction CSV header, in order (none for a
+    binary one, which has ``prob``; the per-fold ``prob_fold<k>`` columns of an ensemble file are
+    not classes)."""
+    if "prob" in header:
+        return []
+    return [c for c in header if c.startswith("prob_") and not c.startswith("prob_fold")]
+
+
 def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> dict[str, Any]:
     """Slide id -> probability from a prediction CSV written by the training loop; for a
     multi-class file (``prob_<class>`` columns, no ``prob``), slide id -> list of class
@@ -173,8 +189,8 @@ def read_csv_predictions(path: str | os.PathLike[str], column: str = "prob") -> 
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
-        if column == "prob" and column not in header:
-            cols = [c for c in header if c.startswith("prob_") and not c.startswith("prob_fold")]
+        cols = class_prob_columns(header) if column == "prob" else []
+        if cols:
             return {row["slide_id"]: [float(row[c]) for c in cols] for row in reader}
         return {row["slide_id"]: float(row[column]) for row in reader}
 

@@ -355,9 +355,9 @@ class _Predictions:
     p: np.ndarray
 
     def patients(self) -> _Predictions:
-        from momkd.scoring import patient_means
+        from momkd.metrics import patient_level
 
-        ids, y, p = patient_means(self.cases, self.y, self.p, slide_ids=self.ids)
+        ids, y, p = patient_level(self.cases, self.y, self.p, slide_ids=self.ids)
         return _Predictions(ids, ids, y, p)
 
 
@@ -464,11 +464,9 @@ def _paired(
                 continue
             y, pa, pb = _aligned(preds[a], preds[b], a, b, what)
             res = paired_test(y, pa, pb, n=max(resamples, 1), seed=seed)
-            if pa.ndim == 2:  # more than two classes: the p-value is the bootstrap's
-                res["p_value_bootstrap"] = res["p_value"]
             if resamples <= 0:
                 res.update(ci_low=math.nan, ci_high=math.nan, p_value_bootstrap=math.nan)
-                if pa.ndim == 2:
+                if pa.ndim == 2:  # more than two classes: the p-value is the bootstrap's
                     res["p_value"] = math.nan
                 res["n_resamples"] = 0
             out.append({"a": a, "b": b, **res})

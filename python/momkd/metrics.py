@@ -70,6 +70,26 @@ def _inputs(y_true: Any, p_pos: Any) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(np.int64), p
 
 
+def _class_inputs(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``(n,)`` class indices and ``(n, C)`` class probabilities."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise DataError(f"metrics: labels of shape {y.shape} and probabilities of shape {p.shape}")
+    if y.size == 0:
+        raise DataError("metrics: no samples")
+    if p.shape[1] < 2:
+        raise DataError(f"metrics: probabilities need two or more classes, got {p.shape[1]}")
+    if y.dtype.kind not in "iub" or y.min() < 0 or y.max() >= p.shape[1]:
+        raise DataError(
+            f"metrics: labels must be class indices in [0, {p.shape[1]}), got "
+            f"{sorted(set(y.tolist()))[:10]}"
+        )
+    if not np.isfinite(p).all():
+        raise DataError("metrics: non-finite probabilities")
+    return y.astype(np.int64), p
+
+
 def _midranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given their average rank."""
     order = np.argsort(x, kind="mergesort")
@@ -534,9 +554,11 @@ def patient_level(
         ``(m,)`` patient of each slide; an empty id stands for the slide itself (then ``slide_ids``
         is needed).
     labels
-        ``(m,)`` slide labels in {0, 1}; all slides of a patient must agree.
+        ``(m,)`` slide labels in {0, 1} (class indices with ``(m, C)`` probabilities); all slides
+        of a patient must agree.
     probs
-        ``(m,)`` slide probabilities of class 1.
+        ``(m,)`` slide probabilities of class 1, or ``(m, C)`` class probabilities (averaged
+        column by column).
     slide_ids
         ``(m,)`` slide ids, for empty patient ids and for messages.
 
@@ -544,14 +566,15 @@ def patient_level(
     -------
     tuple[list[str], np.ndarray, np.ndarray]
         Patient ids (in order of first appearance), their labels ``(k,)`` int64 and mean
-        probabilities ``(k,)`` float64.
+        probabilities ``(k,)`` (or ``(k, C)``) float64.
 
     Raises
     ------
     DataError
         Mismatched lengths, or a patient whose slides have different labels (named).
     """
-    y, p = _inputs(labels, probs)
+    multi = np.ndim(probs) == 2
+    y, p = _class_inputs(labels, probs) if multi else _inputs(labels, probs)
     cases = [str(c) for c in case_ids]
     if len(cases) != len(y) or (slide_ids is not None and len(slide_ids) != len(y)):
         raise DataError(
@@ -567,13 +590,27 @@ def patient_level(
     inverse = np.array([index.setdefault(c, len(index)) for c in cases], dtype=np.int64)
     k = len(index)
     counts = np.bincount(inverse, minlength=k)
-    mean_p = np.bincount(inverse, weights=p, minlength=k) / counts
-    mean_y = np.bincount(inverse, weights=y, minlength=k) / counts
-    mixed = np.flatnonzero((mean_y > 0) & (mean_y < 1))
+    if multi:
+        mean_p = (
+            np.stack(
+                [np.bincount(inverse, weights=p[:, c], minlength=k) for c in range(p.shape[1])],
+                axis=1,
+            )
+            / counts[:, None]
+        )
+    else:
+        mean_p = np.bincount(inverse, weights=p, minlength=k) / counts
+    low = np.full(k, np.iinfo(np.int64).max)
+    high = np.full(k, -1)
+    np.minimum.at(low, inverse, y)
+    np.maximum.at(high, inverse, y)
+    mixed = np.flatnonzero(low != high)
     if mixed.size:
         names = list(index)
+        j = mixed[0]
         raise DataError(
-            f"metrics: patient '{names[mixed[0]]}' has slides with different labels (0 and 1)"
+            f"metrics: patient '{names[j]}' has slides with different labels "
+            f"({low[j]} and {high[j]})"
             + (f" ({mixed.size} such patients)" if mixed.size > 1 else "")
         )
-    return list(index), mean_y.astype(np.int64), mean_p
+    return list(index), low, mean_p

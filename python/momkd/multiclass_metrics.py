@@ -30,9 +30,11 @@ import numpy as np
 
 from momkd.errors import DataError
 from momkd.metrics import (
+    _CHUNK,
     MetricWarning,
     _auc,
     _check_resamples,
+    _class_inputs,
     _resample_counts,
     _resampled_auc,
     paired_interval,
@@ -45,28 +47,6 @@ __all__ = [
     "paired_macro_auc_test",
     "predicted_class",
 ]
-
-#: Bootstrap resamples drawn (and evaluated) at a time.
-_CHUNK = 256
-
-
-def _inputs(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true)
-    p = np.asarray(probs, dtype=np.float64)
-    if y.ndim != 1 or p.ndim != 2 or p.shape[0] != y.shape[0]:
-        raise DataError(f"metrics: labels of shape {y.shape} and probabilities of shape {p.shape}")
-    if y.size == 0:
-        raise DataError("metrics: no samples")
-    if p.shape[1] < 2:
-        raise DataError(f"metrics: probabilities need two or more classes, got {p.shape[1]}")
-    if y.dtype.kind not in "iub" or y.min() < 0 or y.max() >= p.shape[1]:
-        raise DataError(
-            f"metrics: labels must be class indices in [0, {p.shape[1]}), got "
-            f"{sorted(set(y.tolist()))[:10]}"
-        )
-    if not np.isfinite(p).all():
-        raise DataError("metrics: non-finite probabilities")
-    return y.astype(np.int64), p
 
 
 def class_keys(class_names: Sequence[str] | None, n_classes: int) -> list[str]:
@@ -85,6 +65,12 @@ def predicted_class(probs: Any) -> np.ndarray:
 
 def _per_class_aucs(y: np.ndarray, p: np.ndarray) -> list[float]:
     return [_auc((y == c).astype(np.int64), p[:, c]) for c in range(p.shape[1])]
+
+
+def _macro(aucs: Sequence[float]) -> float:
+    """Mean of the defined per-class AUCs (NaN when none is)."""
+    defined = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 def multiclass_metrics(
@@ -114,12 +100,11 @@ def multiclass_metrics(
     DataError
         Empty input, shape mismatch, labels outside ``[0, C)``, non-finite probabilities.
     """
-    y, p = _inputs(y_true, probs)
+    y, p = _class_inputs(y_true, probs)
     c = p.shape[1]
     keys = class_keys(class_names, c)
     aucs = _per_class_aucs(y, p)
-    defined = [a for a in aucs if not math.isnan(a)]
-    if len(defined) < c:
+    if any(math.isnan(a) for a in aucs):
         missing = [keys[i] for i, a in enumerate(aucs) if math.isnan(a)]
         warnings.warn(
             f"metrics: class {', '.join(missing)} absent from {len(y)} labels (or the only one "
@@ -135,7 +120,7 @@ def multiclass_metrics(
     tp = np.diag(confusion)
     recalls = [tp[i] / true_n[i] for i in range(c) if true_n[i] > 0]
     f1s = [2 * tp[i] / (true_n[i] + pred_n[i]) for i in range(c) if true_n[i] + pred_n[i] > 0]
-    out: dict[str, Any] = {"auc": float(np.mean(defined)) if defined else math.nan}
+    out: dict[str, Any] = {"auc": _macro(aucs)}
     out.update({f"auc_{k}": a for k, a in zip(keys, aucs, strict=True)})
     out["accuracy"] = float(tp.sum() / len(y))
     out["balanced_accuracy"] = float(np.mean(recalls))
@@ -203,7 +188,7 @@ def bootstrap_macro_auc_ci(
     tuple[float, float]
         ``(low, high)``; ``(nan, nan)`` with a :class:`MetricWarning` when ``y`` has one class.
     """
-    yy, pp = _inputs(y, probs)
+    yy, pp = _class_inputs(y, probs)
     _check_resamples(n)
     if yy.min() == yy.max():
         warnings.warn(
@@ -233,18 +218,16 @@ def paired_macro_auc_test(
     -------
     dict[str, float]
         ``auc_a``, ``auc_b``, ``auc_diff``, ``ci_low``, ``ci_high``, ``p_value`` (the bootstrap's,
-        resolution ``1 / n``), ``n``, ``n_resamples``; CI and p-value NaN (with a
+        resolution ``1 / n``; also as ``p_value_bootstrap``, the key the binary test gives it),
+        ``n``, ``n_resamples``; CI and p-value NaN (with a
         :class:`MetricWarning`) when ``y`` has one class.
     """
-    yy, pa = _inputs(y, probs_a)
-    _, pb = _inputs(y, probs_b)
+    yy, pa = _class_inputs(y, probs_a)
+    _, pb = _class_inputs(y, probs_b)
     if pa.shape != pb.shape:
         raise DataError(f"metrics: probabilities of shapes {pa.shape} and {pb.shape}")
     _check_resamples(n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        auc_a = multiclass_metrics(yy, pa)["auc"]
-        auc_b = multiclass_metrics(yy, pb)["auc"]
+    auc_a, auc_b = _macro(_per_class_aucs(yy, pa)), _macro(_per_class_aucs(yy, pb))
     out = {
         "auc_a": auc_a,
         "auc_b": auc_b,
@@ -256,9 +239,9 @@ def paired_macro_auc_test(
         warnings.warn(
             "metrics: one class only; macro AUCs cannot be compared", MetricWarning, stacklevel=2
         )
-        out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan, p_value_bootstrap=math.nan)
         return out
     aucs = _bootstrap_macro_aucs(yy, [pa, pb], int(n), seed)
     low, high, p_value = paired_interval(aucs[:, 0] - aucs[:, 1], alpha)
-    out.update(ci_low=low, ci_high=high, p_value=p_value)
+    out.update(ci_low=low, ci_high=high, p_value=p_value, p_value_bootstrap=p_value)
     return out

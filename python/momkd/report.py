@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from momkd._io import atomic_write_text
+from momkd._io import atomic_write_text, class_prob_columns
 from momkd.errors import DataError, MomkdError
 from momkd.htmlkit import (
     COLOURS,
@@ -48,7 +48,6 @@ from momkd.htmlkit import (
     save_figure,
     section,
 )
-from momkd.train.summary import class_prob_columns
 
 __all__ = [
     "METRIC_LABELS",

@@ -13,13 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from momkd.errors import DataError
 from momkd.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     evaluate_with_threshold,
     paired_auc_test,
-    patient_level,
 )
 from momkd.multiclass_metrics import (
     bootstrap_macro_auc_ci,
@@ -34,20 +32,13 @@ __all__ = [
     "metrics",
     "metrics_at_threshold",
     "paired_test",
-    "patient_means",
     "predictions",
-    "prob_columns",
 ]
 
 
 def is_multiclass(probs: Any) -> bool:
     """Whether ``probs`` are ``(n, C)`` class probabilities rather than ``(n,)`` binary ones."""
     return bool(np.ndim(probs) == 2)
-
-
-def prob_columns(class_names: Sequence[str]) -> list[str]:
-    """The probability columns of a C-class prediction CSV: ``prob_<class>`` in class order."""
-    return [f"prob_{c}" for c in class_names]
 
 
 def predictions(probs: Any, threshold: float = 0.5) -> np.ndarray:
@@ -88,39 +79,3 @@ def paired_test(y: Any, probs_a: Any, probs_b: Any, n: int, seed: int) -> dict[s
     if is_multiclass(probs_a):
         return paired_macro_auc_test(y, probs_a, probs_b, n=n, seed=seed)
     return paired_auc_test(y, probs_a, probs_b, n=n, seed=seed)
-
-
-def patient_means(
-    case_ids: Sequence[str], y: Any, probs: Any, slide_ids: Sequence[str] | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Slide probabilities averaged per patient (:func:`~momkd.metrics.patient_level` for two
-    classes; the same rule, column by column, for more).
-
-    Raises
-    ------
-    DataError
-        A patient whose slides have different labels (named).
-    """
-    if not is_multiclass(probs):
-        return patient_level(case_ids, y, probs, slide_ids=slide_ids)
-    p = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(y, dtype=np.int64)
-    cases = [
-        str(c) or (str(slide_ids[i]) if slide_ids is not None else "")
-        for i, c in enumerate(case_ids)
-    ]
-    if any(not c for c in cases):
-        raise DataError("metrics: a row has an empty patient id and no slide id")
-    index: dict[str, int] = {}
-    inverse = np.array([index.setdefault(c, len(index)) for c in cases], dtype=np.int64)
-    k = len(index)
-    counts = np.bincount(inverse, minlength=k).astype(np.float64)
-    sums = np.zeros((k, p.shape[1]))
-    np.add.at(sums, inverse, p)
-    first = np.full(k, -1, dtype=np.int64)
-    for i, j in enumerate(inverse.tolist()):
-        if first[j] < 0:
-            first[j] = labels[i]
-        elif first[j] != labels[i]:
-            raise DataError(f"metrics: patient '{list(index)[j]}' has slides with different labels")
-    return list(index), first, sums / counts[:, None]

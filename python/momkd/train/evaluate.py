@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import prob_columns
 from momkd.errors import ConfigError, DataError, MomkdError
-from momkd.scoring import predictions, prob_columns
+from momkd.scoring import predictions
 
 __all__ = [
     "FoldModel",
@@ -56,6 +57,7 @@ class FoldModel:
         from momkd._io import read_json
         from momkd.train.checkpoint import load_checkpoint
         from momkd.train.factory import build_model
+        from momkd.train.summary import fold_threshold
 
         ckpt = load_checkpoint(path, map_location=device)
         for key in ("model", "model_config", "method"):
@@ -75,8 +77,7 @@ class FoldModel:
         self.threshold = 0.5
         result = path.parent / "result.json"
         if result.is_file():
-            thr = read_json(result).get("threshold", 0.5)
-            self.threshold = 0.5 if thr is None else float(thr)
+            self.threshold = fold_threshold(read_json(result))
 
 
 def _device() -> Any:
@@ -215,7 +216,9 @@ def predict(
     probs = _predict_all(models, cohort, ids, _progress(progress))
     mean = probs.mean(axis=0)
     if probs.ndim == 3:
-        header, rows = _class_rows(models, ids, probs, [[s] for s in ids])
+        columns, cells = _class_cells(models, probs)
+        header = ["slide_id", *columns]
+        rows = [[s, *c] for s, c in zip(ids, cells, strict=True)]
     else:
         thr = ensemble_threshold(models)
         header = ["slide_id"] + [f"prob_pos_fold{fm.fold}" for fm in models]
@@ -232,27 +235,24 @@ def predict(
     return len(ids)
 
 
-def _class_rows(
-    models: Sequence[FoldModel], ids: Sequence[str], probs: np.ndarray, leads: list[list[Any]]
+def _class_cells(
+    models: Sequence[FoldModel], probs: np.ndarray
 ) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of a multi-class prediction CSV: each row's leading cells, the class
-    probabilities of every fold model (``prob_fold<k>_<class>``), their mean (``prob_<class>``)
-    and its argmax (``pred``)."""
+    """The class columns of a multi-class prediction CSV and each row's cells in them: the class
+    probabilities of every fold model (``prob_fold<k>_<class>``), their mean (``prob_<class>``) and
+    its argmax (``pred``), from ``(models, n, C)`` probabilities."""
     names = models[0].classes or [str(c) for c in range(probs.shape[2])]
-    header = ["slide_id"]
-    for fm in models:
-        header += [f"prob_fold{fm.fold}_{c}" for c in names]
+    header = [f"prob_fold{fm.fold}_{c}" for fm in models for c in names]
     header += [*prob_columns(names), "pred"]
     mean = probs.mean(axis=0)
     pred = predictions(mean)
-    rows = [
-        lead
-        + [float(v) for j in range(len(models)) for v in probs[j, i]]
+    cells = [
+        [float(v) for j in range(len(models)) for v in probs[j, i]]
         + [float(v) for v in mean[i]]
         + [int(pred[i])]
-        for i, lead in enumerate(leads)
+        for i in range(probs.shape[1])
     ]
-    return header, rows
+    return header, cells
 
 
 def ensemble_threshold(models: Sequence[FoldModel]) -> float:
@@ -364,12 +364,13 @@ def evaluate_run(
     out_dir = Path(out) if out is not None else run / f"eval_{Path(store).stem}"
     slides_col = ["slides"] if members is not None else []
     if probs.ndim == 3:
-        header, rows = _class_rows(
-            models, ids, probs, [[s, cases[s], int(y[i])] for i, s in enumerate(ids)]
-        )
-        header = ["slide_id", "case_id", "label", *header[1:], *slides_col]
-        if members is not None:
-            rows = [r + [";".join(members[s])] for r, s in zip(rows, ids, strict=True)]
+        columns, cells = _class_cells(models, probs)
+        header = ["slide_id", "case_id", "label", *columns, *slides_col]
+        rows = [
+            [s, cases[s], int(y[i]), *cells[i]]
+            + ([";".join(members[s])] if members is not None else [])
+            for i, s in enumerate(ids)
+        ]
     else:
         header = ["slide_id", "case_id", "label"] + [f"prob_pos_fold{fm.fold}" for fm in models]
         header += ["prob_pos", "pred", "pred_thr", *slides_col]

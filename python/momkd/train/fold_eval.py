@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from momkd._io import write_csv
+from momkd._io import prob_columns, write_csv
 from momkd.config import RunConfig
 from momkd.data.store import CohortStore
 from momkd.metrics import best_f1_threshold
@@ -20,7 +20,6 @@ from momkd.scoring import (
     metrics,
     metrics_at_threshold,
     predictions,
-    prob_columns,
 )
 from momkd.train.distributed import Dist
 from momkd.train.fold_data import FoldData

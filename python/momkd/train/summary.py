@@ -27,19 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from momkd._io import class_prob_columns, prob_columns
 from momkd.config import RunConfig, load_config
 from momkd.errors import ConfigError, DataError
-from momkd.metrics import (
-    aggregate,
-)
+from momkd.metrics import aggregate, patient_level
 from momkd.scoring import (
     auc_ci,
     is_multiclass,
     metrics,
     metrics_at_threshold,
-    patient_means,
     predictions,
-    prob_columns,
 )
 from momkd.train.inputs import (
     external_units,
@@ -50,6 +47,7 @@ from momkd.train.rundir import finished_folds
 
 __all__ = [
     "METRIC_COLUMNS",
+    "fold_threshold",
     "format_summary",
     "metric_columns",
     "read_prediction_table",
@@ -167,7 +165,7 @@ def _merged_timing(run: Path, folds: list[int], results: list[dict[str, Any]]) -
     return timing
 
 
-def _threshold(result: Mapping[str, Any]) -> float:
+def fold_threshold(result: Mapping[str, Any]) -> float:
     """A fold's decision threshold (0.5 where there is none: more than two classes)."""
     thr = result.get("threshold", 0.5)
     return 0.5 if thr is None else float(thr)
@@ -175,14 +173,6 @@ def _threshold(result: Mapping[str, Any]) -> float:
 
 def _nan_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (math.nan if v is None else v) for k, v in d.items()}
-
-
-def class_prob_columns(header: Sequence[str]) -> list[str]:
-    """The ``prob_<class>`` columns of a multi-class prediction CSV header, in order (none for a
-    binary one; the per-fold ``prob_fold<k>`` columns of an ensemble file are not classes)."""
-    if "prob" in header:
-        return []
-    return [c for c in header if c.startswith("prob_") and not c.startswith("prob_fold")]
 
 
 def read_prediction_table(
@@ -220,7 +210,7 @@ def read_prediction_table(
             rows = list(reader)
     except OSError as exc:
         raise DataError(f"{path}: cannot read predictions: {exc}") from None
-    class_cols = class_prob_columns(fields) if column == "prob" and column not in fields else []
+    class_cols = class_prob_columns(fields) if column == "prob" else []
     wanted = ["slide_id", "label"] + (class_cols[:1] if class_cols else [column])
     missing = [c for c in wanted if c not in fields]
     if missing:
@@ -270,10 +260,10 @@ def _pooled_and_patient(
         )
         ys.append(y)
         ps.append(p)
-        _, y_pat, p_pat = patient_means(cases, y, p, slide_ids=slides)
+        _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=slides)
         pat_y.append(y_pat)
         pat_p.append(p_pat)
-        m = metrics_at_threshold(y_pat, p_pat, _threshold(r), names)
+        m = metrics_at_threshold(y_pat, p_pat, fold_threshold(r), names)
         pat_folds.append({"fold": fold, "test": m})
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
     pooled = metrics(y_all, p_all, names)
@@ -329,7 +319,7 @@ def _summarise(
             rows = read_csv_predictions(run_dir / f"fold_{fold}" / "external_predictions.csv")
             probs.append([rows[s] for s in ext_ids])
         p = np.mean(np.asarray(probs, dtype=np.float64), axis=0)
-        thr = float(np.mean([_threshold(r) for r in results]))
+        thr = float(np.mean([fold_threshold(r) for r in results]))
         names = cfg.class_names
         ext_summary: dict[str, Any] = {"folds": per_fold}
         if per_fold:
@@ -339,7 +329,7 @@ def _summarise(
             ext_summary["ensemble"] = metrics_at_threshold(y, p, thr, names)
             ext_summary["ci"] = _ci(y, p, cfg)
             cases = [ext_cases.get(s, "") for s in ext_ids]
-            _, y_pat, p_pat = patient_means(cases, y, p, slide_ids=ext_ids)
+            _, y_pat, p_pat = patient_level(cases, y, p, slide_ids=ext_ids)
             summary["patient"]["external"] = {
                 "ensemble": metrics_at_threshold(y_pat, p_pat, thr, names),
                 "ci": _ci(y_pat, p_pat, cfg),
